@@ -1,0 +1,202 @@
+// Messenger's browser client: routing, the session and the event stream.
+
+import { api, clearAuth, getAuth, isAuthKey, onUnauthorized, saveAuth } from './client.js';
+import { createStream } from './events.js';
+import { h } from './dom.js';
+import { mountLogin } from './login.js';
+import { mountHome } from './home.js';
+import { mountConversation } from './conversation.js';
+
+const root = document.getElementById('app');
+const reconnecting = document.getElementById('reconnecting');
+const signOutButton = document.getElementById('sign-out');
+
+let view = null; // the mounted page: {unmount, onMessage, onRead, onTyping, conversationId}
+let me = null; // the signed-in User, once known
+let sessionStarted = false;
+let flash = ''; // a message for the sign-in page
+const unread = new Map(); // conversation id -> unread count
+const readByOther = new Map(); // conversation id -> latest readAt (ms) of the other participant
+const seenMessages = new Set(); // ids of stream messages already handled
+
+const stream = createStream({
+  onMessage(message) {
+    if (seenMessages.has(message.id)) return;
+    seenMessages.add(message.id);
+    if (seenMessages.size > 2000) seenMessages.delete(seenMessages.values().next().value);
+    const watching = view?.conversationId === message.conversationId && document.visibilityState === 'visible';
+    if (!message.mine && !watching) setUnread(message.conversationId, (unread.get(message.conversationId) ?? 0) + 1);
+    view?.onMessage?.(message);
+  },
+  onRead(event) {
+    if (me && event.userId === me.id) {
+      setUnread(event.conversationId, 0);
+    } else {
+      const at = Date.parse(event.readAt);
+      if (at > (readByOther.get(event.conversationId) ?? 0)) readByOther.set(event.conversationId, at);
+    }
+    view?.onRead?.(event);
+  },
+  onTyping(event) {
+    view?.onTyping?.(event);
+  },
+  onStatus(status) {
+    reconnecting.hidden = status === 'open';
+  },
+});
+
+function setUnread(id, count) {
+  if (count > 0) unread.set(id, count);
+  else unread.delete(id);
+  updateTitle();
+}
+
+function updateTitle() {
+  let total = 0;
+  for (const n of unread.values()) total += n;
+  document.title = document.visibilityState === 'hidden' && total > 0 ? `(${total}) Messenger` : 'Messenger';
+}
+
+// ctx is what every page gets to work with.
+const ctx = {
+  api,
+  navigate,
+  me: () => me,
+  unread: {
+    get: (id) => unread.get(id) ?? 0,
+    set: setUnread,
+  },
+  readByOther: (id) => readByOther.get(id) ?? 0,
+  signedIn(user, token, expiresAt) {
+    saveAuth(token, expiresAt);
+    me = user;
+    navigate('/', { replace: true });
+  },
+  takeFlash() {
+    const text = flash;
+    flash = '';
+    return text;
+  },
+};
+
+function startSession() {
+  if (sessionStarted) return;
+  sessionStarted = true;
+  signOutButton.hidden = false;
+  stream.start();
+  if (!me) {
+    api('GET', '/api/auth_user').then((user) => (me = user), () => {});
+  }
+  refreshTokenIfOld();
+}
+
+// refreshTokenIfOld swaps a token that has lived half its life for a new one.
+async function refreshTokenIfOld() {
+  const auth = getAuth();
+  if (!auth?.savedAt) return;
+  const expires = Date.parse(auth.expiresAt);
+  if (Number.isNaN(expires) || Date.now() < auth.savedAt + (expires - auth.savedAt) / 2) return;
+  try {
+    const fresh = await api('POST', '/api/refresh_token');
+    if (fresh?.token) saveAuth(fresh.token, fresh.expiresAt);
+  } catch {
+    // The old token still works until it expires.
+  }
+}
+
+function signOut(message = '') {
+  clearAuth();
+  stream.stop();
+  sessionStarted = false;
+  me = null;
+  unread.clear();
+  readByOther.clear();
+  seenMessages.clear();
+  reconnecting.hidden = true;
+  signOutButton.hidden = true;
+  updateTitle();
+  flash = message;
+  navigate('/login', { replace: true });
+}
+
+export function navigate(path, { replace = false } = {}) {
+  if (replace) history.replaceState(null, '', path);
+  else if (path !== location.pathname + location.search + location.hash) history.pushState(null, '', path);
+  render({ focus: true });
+}
+
+const routes = [
+  [/^\/$/, (params) => mountHome(root, ctx)],
+  [/^\/conversations\/([^/]+)\/?$/, (params) => mountConversation(root, ctx, decodeURIComponent(params[1]))],
+];
+
+function render({ focus = false } = {}) {
+  view?.unmount?.();
+  view = null;
+  root.replaceChildren();
+  document.body.classList.remove('conversation-page');
+  const path = location.pathname;
+
+  if (path === '/callback') return finishGitHubSignIn();
+  const auth = getAuth();
+  if (path === '/login') {
+    if (auth) return navigate('/', { replace: true });
+    view = mountLogin(root, ctx);
+  } else if (!auth) {
+    if (sessionStarted) return signOut('Your session has ended. Please sign in again.');
+    return navigate('/login', { replace: true });
+  } else {
+    startSession();
+    const route = routes.find(([pattern]) => pattern.test(path));
+    view = route ? route[1](path.match(route[0])) : notFound();
+  }
+  // Move focus to the new page, unless the page already chose where it goes.
+  if (focus && !root.contains(document.activeElement)) root.querySelector('h1')?.focus({ preventScroll: true });
+}
+
+function notFound() {
+  root.append(h('section', { class: 'card' }, h('h1', { tabindex: '-1' }, 'Page not found'), h('p', {}, h('a', { href: '/' }, 'Go to your conversations'))));
+  return null;
+}
+
+// finishGitHubSignIn handles /callback#token=…&expires_at=…
+function finishGitHubSignIn() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get('token');
+  if (token) {
+    saveAuth(token, params.get('expires_at'));
+    navigate('/', { replace: true });
+  } else {
+    flash = params.get('error') || 'Sign-in with GitHub did not finish. Please try again.';
+    navigate('/login', { replace: true });
+  }
+}
+
+onUnauthorized(() => {
+  if (sessionStarted || location.pathname !== '/login') signOut('Your session has ended. Please sign in again.');
+});
+
+signOutButton.addEventListener('click', () => signOut());
+
+// Same-origin links move between pages without reloading; /api/ links are real requests.
+document.addEventListener('click', (e) => {
+  if (e.defaultPrevented || e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
+  const link = e.target.closest('a[href]');
+  if (!link || link.target || link.hasAttribute('download') || link.origin !== location.origin) return;
+  if (link.pathname.startsWith('/api/')) return;
+  if (link.hash && link.pathname === location.pathname) return; // an in-page jump
+  e.preventDefault();
+  navigate(link.pathname + link.search + link.hash);
+});
+
+window.addEventListener('popstate', () => render({ focus: true }));
+document.addEventListener('visibilitychange', updateTitle);
+
+// Signing out (or in) in another tab does the same here.
+window.addEventListener('storage', (e) => {
+  if (!isAuthKey(e.key)) return;
+  if (!getAuth() && sessionStarted) signOut();
+  else if (getAuth() && location.pathname === '/login') navigate('/', { replace: true });
+});
+
+render();

@@ -1,0 +1,190 @@
+// The home page: the conversations, newest activity first, kept live.
+
+import { avatar, debounce, h, isAbort, refreshTimes, timeElement } from './dom.js';
+
+const PAGE_SIZE = 25;
+
+export function mountHome(root, ctx) {
+  const controller = new AbortController();
+  const signal = controller.signal;
+  const conversations = new Map(); // id -> Conversation shown in the list
+  const fetching = new Map(); // id -> messages that arrived while the conversation was being fetched
+  let cursor = '';
+  let loading = false;
+  let done = false;
+
+  const list = h('ul', { id: 'conversations', class: 'conversation-list', 'aria-label': 'Conversations' });
+  const status = h('p', { class: 'list-status', role: 'status' });
+  const sentinel = h('div', { class: 'sentinel', 'aria-hidden': 'true' });
+  root.append(h('section', { class: 'home' }, h('h1', { tabindex: '-1' }, 'Conversations'), newConversationForm(ctx, signal), list, status, sentinel));
+
+  async function loadMore() {
+    if (loading || done) return;
+    loading = true;
+    status.replaceChildren('Loading…');
+    try {
+      const page = await ctx.api('GET', `/api/conversations${cursor ? `?before=${encodeURIComponent(cursor)}` : ''}`, { signal });
+      for (const c of page) {
+        if (conversations.has(c.id)) continue;
+        conversations.set(c.id, c);
+        ctx.unread.set(c.id, c.unreadCount ?? 0);
+        list.append(item(c));
+      }
+      if (page.length) cursor = page[page.length - 1].id;
+      done = page.length < PAGE_SIZE;
+      status.replaceChildren(done && conversations.size === 0 ? 'No conversations yet. Start one above.' : '');
+    } catch (err) {
+      if (isAbort(err)) return;
+      status.replaceChildren("Couldn't load conversations. ", h('button', { type: 'button', class: 'link-button', onclick: loadMore }, 'Try again'));
+      return;
+    } finally {
+      loading = false;
+    }
+    // A short page may leave the sentinel on screen, which the observer won't report again.
+    if (!done && isOnScreen(sentinel)) loadMore();
+  }
+
+  function item(c) {
+    const count = ctx.unread.get(c.id);
+    const last = c.lastMessage;
+    const other = c.otherParticipant ?? {};
+    return h(
+      'li',
+      { class: `conversation-item${count ? ' unread' : ''}`, dataset: { id: c.id } },
+      h(
+        'a',
+        { class: 'conversation-link', href: `/conversations/${encodeURIComponent(c.id)}` },
+        avatar(other),
+        h(
+          'span',
+          { class: 'conversation-main' },
+          h('span', { class: 'conversation-top' }, h('span', { class: 'username' }, other.username ?? ''), last ? timeElement(last.createdAt) : null),
+          h(
+            'span',
+            { class: 'conversation-bottom' },
+            h('span', { class: 'preview' }, last ? `${last.mine ? 'You: ' : ''}${last.content}` : 'No messages yet'),
+            count ? h('span', { class: 'badge', title: `${count} unread` }, String(count)) : null,
+            count ? h('span', { class: 'visually-hidden' }, ` (${count} unread)`) : null,
+          ),
+        ),
+      ),
+    );
+  }
+
+  // redraw replaces a conversation's item, optionally moving it to the top.
+  function redraw(c, { toTop = false } = {}) {
+    const old = list.querySelector(`.conversation-item[data-id="${CSS.escape(c.id)}"]`);
+    const hadFocus = old?.contains(document.activeElement);
+    const fresh = item(c);
+    if (toTop || !old) list.prepend(fresh);
+    else old.before(fresh);
+    old?.remove();
+    if (hadFocus) fresh.querySelector('a').focus({ preventScroll: true });
+    if (status.textContent.startsWith('No conversations')) status.replaceChildren();
+  }
+
+  async function insertUnknown(message) {
+    const id = message.conversationId;
+    if (fetching.has(id)) {
+      fetching.get(id).push(message);
+      return;
+    }
+    fetching.set(id, []);
+    try {
+      const c = await ctx.api('GET', `/api/conversations/${encodeURIComponent(id)}`, { signal });
+      const later = fetching.get(id).filter((m) => !c.lastMessage || Date.parse(m.createdAt) > Date.parse(c.lastMessage.createdAt));
+      if (later.length) c.lastMessage = later[later.length - 1];
+      ctx.unread.set(id, (c.unreadCount ?? 0) + later.filter((m) => !m.mine).length);
+      conversations.set(id, c);
+      redraw(c, { toTop: true });
+    } catch {
+      // It will show on the next visit.
+    } finally {
+      fetching.delete(id);
+    }
+  }
+
+  const observer = new IntersectionObserver((entries) => {
+    if (entries.some((e) => e.isIntersecting)) loadMore();
+  }, { rootMargin: '0px 0px 200px 0px' });
+  observer.observe(sentinel);
+  const clock = setInterval(() => refreshTimes(list), 30_000);
+
+  return {
+    unmount() {
+      controller.abort();
+      observer.disconnect();
+      clearInterval(clock);
+    },
+    onMessage(message) {
+      const c = conversations.get(message.conversationId);
+      if (!c) return void insertUnknown(message);
+      if (c.lastMessage && Date.parse(c.lastMessage.createdAt) > Date.parse(message.createdAt)) return redraw(c);
+      c.lastMessage = message;
+      redraw(c, { toTop: true });
+    },
+    onRead(event) {
+      const c = conversations.get(event.conversationId);
+      if (c) redraw(c);
+    },
+  };
+}
+
+function newConversationForm(ctx, signal) {
+  const input = h('input', { id: 'new-username', name: 'username', list: 'username-suggestions', autocomplete: 'off', autocapitalize: 'none', spellcheck: 'false', required: true, placeholder: 'Username' });
+  const suggestions = h('datalist', { id: 'username-suggestions' });
+  const button = h('button', { type: 'submit' }, 'Start');
+  const error = h('p', { class: 'form-error', role: 'alert' });
+  const form = h(
+    'form',
+    { id: 'new-conversation-form', class: 'new-conversation', novalidate: true },
+    h('label', { for: 'new-username' }, 'New conversation with'),
+    h('div', { class: 'row' }, input, button),
+    suggestions,
+    error,
+  );
+
+  const suggest = debounce(async () => {
+    const search = input.value.trim();
+    if (!search) return suggestions.replaceChildren();
+    try {
+      const names = await ctx.api('GET', `/api/usernames?search=${encodeURIComponent(search)}`, { signal });
+      if (input.value.trim() !== search) return; // an answer to an older search
+      suggestions.replaceChildren(...(names ?? []).map((name) => h('option', { value: name })));
+    } catch {
+      // Suggestions are a convenience.
+    }
+  }, 250);
+  input.addEventListener('input', () => {
+    error.textContent = '';
+    suggest();
+  });
+
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const username = input.value.trim();
+    if (!username) {
+      error.textContent = 'Enter a username.';
+      return input.focus();
+    }
+    button.disabled = true;
+    error.textContent = '';
+    try {
+      const c = await ctx.api('POST', '/api/conversations', { body: { username }, signal });
+      ctx.navigate(`/conversations/${encodeURIComponent(c.id)}`);
+    } catch (err) {
+      if (isAbort(err)) return;
+      error.textContent =
+        err.status === 404 ? `There is no user called “${username}”.` : err.status === 403 ? 'You cannot start a conversation with yourself.' : err.body?.errors?.username || err.message;
+      input.focus();
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return form;
+}
+
+function isOnScreen(el) {
+  const r = el.getBoundingClientRect();
+  return r.top < window.innerHeight + 200 && r.bottom >= 0;
+}
