@@ -1,0 +1,22 @@
+# The README's two commands: `make run` and `make test`.
+SHELL := /bin/bash
+GO ?= go
+
+.PHONY: run test build vet fuzz bench screenshots
+
+## run: the server on http://localhost:3000 with development sign-in, on a local PostgreSQL
+run:
+	@url=$$(scripts/db.sh) && DATABASE_URL="$$url" DEV_LOGIN=$${DEV_LOGIN:-true} $(GO) run .
+
+## test: the whole suite (gofmt, vet, unit, HTTP, browser tests, fuzz seeds) with the race detector
+test: vet
+	@url=$$(scripts/db.sh) && DATABASE_URL="$$url" $(GO) test -race -count=1 -timeout 20m ./...
+
+## build: the binary ./messenger
+build:
+	$(GO) build -o messenger .
+
+vet:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || ls *.go)); \
+	  if [ -n "$$unformatted" ]; then echo "gofmt would change: $$unformatted"; exit 1; fi
+	$(GO) vet ./...

@@ -1,0 +1,390 @@
+// Command messenger serves a realtime messaging API over PostgreSQL, pushes each
+// user's events to their open streams over Server-Sent Events, and serves the web
+// client.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	_ "embed"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+//go:embed schema.sql
+var schemaSQL string
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintf(os.Stderr, "messenger: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// config is the server's configuration, read from the environment.
+type config struct {
+	databaseURL string
+	addr        string // host:port to listen on
+	origin      *url.URL
+	devLogin    bool
+	tokenKey    []byte // empty: taken from the database (development only)
+	tokenTTL    time.Duration
+
+	githubClientID     string
+	githubClientSecret string
+	githubWebURL       string // where users authorize (https://github.com)
+	githubAPIURL       string // the REST API (https://api.github.com)
+
+	keepAlive    time.Duration // longest silence on a stream
+	writeTimeout time.Duration // deadline of one write to a stream
+	streamBuffer int           // events a stream may fall behind before it is dropped
+	syncInterval time.Duration // how often streams are checked against the event log
+
+	dbMaxConns int
+
+	rateSends         rateSpec
+	rateConversations rateSpec
+	rateLogins        rateSpec
+
+	logFormat string
+}
+
+// loadConfig reads the configuration from getenv, with the documented defaults.
+func loadConfig(getenv func(string) string) (config, error) {
+	cfg := config{
+		databaseURL:        getenv("DATABASE_URL"),
+		githubClientID:     getenv("GITHUB_CLIENT_ID"),
+		githubClientSecret: getenv("GITHUB_CLIENT_SECRET"),
+		githubWebURL:       strings.TrimSuffix(orDefault(getenv("GITHUB_WEB_URL"), "https://github.com"), "/"),
+		githubAPIURL:       strings.TrimSuffix(orDefault(getenv("GITHUB_API_URL"), "https://api.github.com"), "/"),
+		logFormat:          orDefault(getenv("LOG_FORMAT"), "text"),
+	}
+	if cfg.databaseURL == "" {
+		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
+	}
+	port := orDefault(getenv("PORT"), "3000")
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return cfg, fmt.Errorf("PORT %q: not a port number", port)
+	}
+	cfg.addr = net.JoinHostPort(getenv("HOST"), port)
+	origin, err := url.Parse(orDefault(getenv("ORIGIN"), "http://localhost:"+port+"/"))
+	if err != nil || (origin.Scheme != "http" && origin.Scheme != "https") || origin.Host == "" {
+		return cfg, fmt.Errorf("ORIGIN %q: want an http or https URL", getenv("ORIGIN"))
+	}
+	cfg.origin = origin
+
+	if cfg.devLogin, err = parseBool(getenv, "DEV_LOGIN", false); err != nil {
+		return cfg, err
+	}
+	if key := getenv("TOKEN_KEY"); key != "" {
+		if len(key) < 32 {
+			return cfg, errors.New("TOKEN_KEY: want at least 32 characters")
+		}
+		cfg.tokenKey = []byte(key)
+	} else if !cfg.devLogin {
+		return cfg, errors.New("TOKEN_KEY is required unless DEV_LOGIN=true (generate one with: openssl rand -hex 32)")
+	}
+	if cfg.tokenTTL, err = parseDuration(getenv, "TOKEN_TTL", 14*24*time.Hour); err != nil {
+		return cfg, err
+	}
+	if cfg.keepAlive, err = parseDuration(getenv, "SSE_KEEPALIVE", 15*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.writeTimeout, err = parseDuration(getenv, "SSE_WRITE_TIMEOUT", 10*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.syncInterval, err = parseDuration(getenv, "SSE_SYNC_INTERVAL", 10*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.streamBuffer, err = parseInt(getenv, "SSE_BUFFER", 256); err != nil {
+		return cfg, err
+	}
+	if cfg.dbMaxConns, err = parseInt(getenv, "DB_MAX_CONNS", 20); err != nil {
+		return cfg, err
+	}
+	if cfg.rateSends, err = parseRate(getenv, "RATE_LIMIT_SENDS", "20/s,60"); err != nil {
+		return cfg, err
+	}
+	if cfg.rateConversations, err = parseRate(getenv, "RATE_LIMIT_CONVERSATIONS", "1/s,20"); err != nil {
+		return cfg, err
+	}
+	if cfg.rateLogins, err = parseRate(getenv, "RATE_LIMIT_LOGINS", "1/s,10"); err != nil {
+		return cfg, err
+	}
+	if cfg.logFormat != "text" && cfg.logFormat != "json" {
+		return cfg, fmt.Errorf("LOG_FORMAT %q: want text or json", cfg.logFormat)
+	}
+	return cfg, nil
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
+
+func parseBool(getenv func(string) string, name string, def bool) (bool, error) {
+	s := getenv(name)
+	if s == "" {
+		return def, nil
+	}
+	b, err := strconv.ParseBool(s)
+	if err != nil {
+		return false, fmt.Errorf("%s %q: want true or false", name, s)
+	}
+	return b, nil
+}
+
+func parseDuration(getenv func(string) string, name string, def time.Duration) (time.Duration, error) {
+	s := getenv(name)
+	if s == "" {
+		return def, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("%s %q: want a positive duration such as 15s", name, s)
+	}
+	return d, nil
+}
+
+func parseInt(getenv func(string) string, name string, def int) (int, error) {
+	s := getenv(name)
+	if s == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("%s %q: want a positive whole number", name, s)
+	}
+	return n, nil
+}
+
+// run starts the server and blocks until ctx is done, then shuts it down.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	logger := newLogger(cfg.logFormat, stderr)
+
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	srv, err := newServer(ctx, cfg, logger)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer srv.close()
+	fmt.Fprintf(stdout, "messenger listening on http://%s\n", ln.Addr())
+	return srv.serve(ctx, ln)
+}
+
+// server is one running instance: its database, hub, listener and HTTP server.
+type server struct {
+	cfg      config
+	db       *sql.DB
+	hub      *Hub
+	tokens   *tokenSigner
+	limits   *rateLimits
+	metrics  *metrics
+	logger   *slog.Logger
+	http     *http.Server
+	listener *pq.Listener
+	sendStmt *sql.Stmt     // send_message, prepared on each connection once
+	done     chan struct{} // closed when the background goroutines have stopped
+	stop     context.CancelFunc
+}
+
+// newServer opens the database, applies the schema and starts the fan-out from
+// PostgreSQL notifications. The caller must call close.
+func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, error) {
+	db, err := openDB(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.tokenKey == nil {
+		if cfg.tokenKey, err = developmentTokenKey(ctx, db); err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
+	m := newMetrics(db)
+	s := &server{
+		cfg:     cfg,
+		db:      db,
+		tokens:  &tokenSigner{key: cfg.tokenKey, ttl: cfg.tokenTTL},
+		limits:  newRateLimits(cfg),
+		metrics: m,
+		logger:  logger,
+		done:    make(chan struct{}),
+	}
+	if s.sendStmt, err = db.PrepareContext(ctx, `SELECT outcome, message_id, created_at, content FROM send_message($1, $2, $3, $4)`); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("prepare send: %w", err)
+	}
+	s.hub = newHub(db, cfg.streamBuffer, m, logger)
+	s.listener = pq.NewListener(cfg.databaseURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
+		if err != nil {
+			logger.Warn("event listener", "state", ev.String(), "err", err)
+		}
+	})
+	if err := s.listener.Listen(notifyChannel); err != nil {
+		s.listener.Close()
+		db.Close()
+		return nil, fmt.Errorf("listen for events: %w", err)
+	}
+	bg, stop := context.WithCancel(context.Background())
+	s.stop = stop
+	go func() {
+		defer close(s.done)
+		s.hub.run(bg, s.listener.Notify, cfg.syncInterval, s.listener.Ping)
+	}()
+	go s.cleanUp(bg)
+
+	s.http = &http.Server{
+		Handler:           s.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+		// No WriteTimeout: it would end every event stream. Streams set a deadline
+		// per write, and other handlers answer from the database, whose calls are
+		// bounded by requestTimeout.
+	}
+	s.http.RegisterOnShutdown(s.hub.closeAll)
+	return s, nil
+}
+
+// serve answers requests on ln until ctx is done, then shuts down gracefully: it
+// stops accepting, ends every stream (clients reconnect elsewhere and resume), and
+// waits for requests in flight.
+func (s *server) serve(ctx context.Context, ln net.Listener) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.http.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.http.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	return nil
+}
+
+// close stops the background work and closes the database.
+func (s *server) close() {
+	s.stop()
+	s.listener.Close()
+	<-s.done
+	s.db.Close()
+}
+
+// cleanUp deletes expired idempotency keys and OAuth states once an hour.
+func (s *server) cleanUp(ctx context.Context) {
+	t := time.NewTicker(time.Hour)
+	defer t.Stop()
+	for {
+		if _, err := s.db.ExecContext(ctx, `DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'`); err != nil && ctx.Err() == nil {
+			s.logger.Warn("clean up idempotency keys", "err", err)
+		}
+		if _, err := s.db.ExecContext(ctx, `DELETE FROM oauth_states WHERE expires_at < now()`); err != nil && ctx.Err() == nil {
+			s.logger.Warn("clean up oauth states", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// openDB connects to PostgreSQL, sizes the pool and applies the schema.
+func openDB(ctx context.Context, cfg config) (*sql.DB, error) {
+	db, err := sql.Open("postgres", cfg.databaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+	db.SetMaxOpenConns(cfg.dbMaxConns)
+	db.SetMaxIdleConns(cfg.dbMaxConns)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	if err := applySchema(ctx, db); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+// applySchema runs schema.sql under an advisory lock, so instances starting together
+// do not race on CREATE ... IF NOT EXISTS.
+func applySchema(ctx context.Context, db *sql.DB) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("apply schema: %w", err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7170001)`); err != nil {
+		return fmt.Errorf("apply schema: lock: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `SET LOCAL client_min_messages = warning`); err != nil {
+		return fmt.Errorf("apply schema: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
+		return fmt.Errorf("apply schema: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("apply schema: commit: %w", err)
+	}
+	return nil
+}
+
+// developmentTokenKey returns the token key kept in the database, creating it on
+// first use, so that tokens survive restarts and work on every instance.
+func developmentTokenKey(ctx context.Context, db *sql.DB) ([]byte, error) {
+	b := make([]byte, 32)
+	rand.Read(b)
+	var key string
+	err := db.QueryRowContext(ctx, `
+		WITH ins AS (
+			INSERT INTO settings (name, value) VALUES ('dev_token_key', $1)
+			ON CONFLICT (name) DO NOTHING RETURNING value)
+		SELECT value FROM ins UNION ALL SELECT value FROM settings WHERE name = 'dev_token_key'
+		LIMIT 1`, hex.EncodeToString(b)).Scan(&key)
+	if err != nil {
+		return nil, fmt.Errorf("development token key: %w", err)
+	}
+	return []byte(key), nil
+}
+
+// newLogger returns a structured logger writing text or JSON to w.
+func newLogger(format string, w io.Writer) *slog.Logger {
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, nil))
+	}
+	return slog.New(slog.NewTextHandler(w, nil))
+}

@@ -1,0 +1,63 @@
+package main
+
+import (
+	"database/sql"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics are the server's Prometheus metrics, in a registry of its own so that
+// several servers can run in one process (as the tests do).
+type metrics struct {
+	registry           *prometheus.Registry
+	requests           *prometheus.CounterVec
+	requestDuration    *prometheus.HistogramVec
+	streamsOpen        prometheus.Gauge
+	eventsDelivered    prometheus.Counter
+	streamsDroppedSlow prometheus.Counter
+	listenerReconnects prometheus.Counter
+}
+
+func newMetrics(db *sql.DB) *metrics {
+	m := &metrics{
+		registry: prometheus.NewRegistry(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_http_requests_total", Help: "HTTP requests by route, method and status.",
+		}, []string{"route", "method", "status"}),
+		requestDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "messenger_http_request_duration_seconds", Help: "HTTP request duration by route (streams: their lifetime).",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10, 60, 600},
+		}, []string{"route"}),
+		streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "messenger_streams_open", Help: "Event streams open on this instance.",
+		}),
+		eventsDelivered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_events_delivered_total", Help: "Events written to streams (live and replayed).",
+		}),
+		streamsDroppedSlow: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_streams_dropped_slow_total", Help: "Streams ended because they fell behind.",
+		}),
+		listenerReconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_listener_reconnects_total", Help: "Times the LISTEN connection was re-established.",
+		}),
+	}
+	m.registry.MustRegister(m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
+		m.streamsDroppedSlow, m.listenerReconnects,
+		collectors.NewDBStatsCollector(db, "messenger"),
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) observeRequest(route, method string, status int, d time.Duration) {
+	m.requests.WithLabelValues(route, method, strconv.Itoa(status)).Inc()
+	m.requestDuration.WithLabelValues(route).Observe(d.Seconds())
+}
+
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{})
+}

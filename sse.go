@@ -1,0 +1,535 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"mime"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// How events travel. Every event that is kept (a message, a read) is a row of the
+// user's log, numbered by the user's own sequence (events.seq), written in the same
+// transaction as what it reports, and announced with NOTIFY on notifyChannel; the
+// schema's lock order makes each user's sequence commit in order. Every instance,
+// the one that took the request included, LISTENs and hands each notification to
+// its Hub, which passes it to the user's open streams. A stream writes events in
+// sequence order, skips what it already wrote and reads any gap from the log, so a
+// notification that is late, doubled or lost changes nothing but latency: after
+// the listener reconnects, and every syncInterval, each stream is told how far its
+// user's log reaches and catches up.
+
+// notifyChannel is the PostgreSQL channel every instance listens on.
+const notifyChannel = "messenger_events"
+
+// notification is the payload of a NOTIFY on notifyChannel, as send_message,
+// read_messages and notifyTyping write it.
+type notification struct {
+	Kind string     `json:"kind"` // "message", "read" or "typing"
+	To   [][2]int64 `json:"to"`   // [user id, seq]: who gets it, and its place in their log (0: fleeting)
+
+	// Message fields.
+	Sender         int64  `json:"sender"`
+	ID             int64  `json:"id"`
+	ConversationID int64  `json:"conversationId"`
+	Content        string `json:"content"`
+	CreatedAt      int64  `json:"createdAt"` // Unix microseconds
+
+	// Data is the payload of read and typing events, as the stream sends it.
+	Data json.RawMessage `json:"data"`
+}
+
+// event is one thing to send down a user's streams.
+type event struct {
+	seq   int64  // place in the user's log; 0 for fleeting events and sync marks
+	frame []byte // the whole SSE frame, encoded once for all the user's streams
+	// syncTo, on a sync mark, is how far the user's log is known to reach; the
+	// stream reads from the log whatever it has not written up to there.
+	syncTo int64
+}
+
+// Hub fans events out to the open streams of each user on this instance.
+type Hub struct {
+	db      *sql.DB
+	buffer  int // capacity of each stream's queue
+	metrics *metrics
+	logger  *slog.Logger
+
+	mu      sync.RWMutex               // guards streams and closed
+	streams map[int64]map[*stream]bool // user id → that user's open streams
+	closed  bool                       // set on shutdown: no new streams
+}
+
+func newHub(db *sql.DB, buffer int, m *metrics, logger *slog.Logger) *Hub {
+	return &Hub{db: db, buffer: buffer, metrics: m, logger: logger, streams: make(map[int64]map[*stream]bool)}
+}
+
+// stream is one open GET /api/messages response.
+type stream struct {
+	userID int64
+	events chan *event
+	done   chan struct{} // closed by end: the hub wants this stream gone
+	ended  atomic.Bool
+	slow   atomic.Bool // ended because it fell behind
+}
+
+// end asks the stream to finish; it reports whether this call was the first.
+func (st *stream) end() bool {
+	if st.ended.CompareAndSwap(false, true) {
+		close(st.done)
+		return true
+	}
+	return false
+}
+
+// register adds a stream for user; it returns nil once the hub is shutting down.
+func (h *Hub) register(user int64) *stream {
+	st := &stream{userID: user, events: make(chan *event, h.buffer), done: make(chan struct{})}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.closed {
+		return nil
+	}
+	if h.streams[user] == nil {
+		h.streams[user] = make(map[*stream]bool)
+	}
+	h.streams[user][st] = true
+	h.metrics.streamsOpen.Inc()
+	return st
+}
+
+// unregister removes st; the hub sends it nothing more.
+func (h *Hub) unregister(st *stream) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if set := h.streams[st.userID]; set[st] {
+		delete(set, st)
+		if len(set) == 0 {
+			delete(h.streams, st.userID)
+		}
+		h.metrics.streamsOpen.Dec()
+	}
+}
+
+// hasStreams reports whether user has an open stream here.
+func (h *Hub) hasStreams(user int64) bool {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return len(h.streams[user]) > 0
+}
+
+// publish queues ev on each of user's streams without ever waiting: a stream whose
+// queue is full is ended instead, and its client resumes from the log.
+func (h *Hub) publish(user int64, ev *event) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	for st := range h.streams[user] {
+		select {
+		case st.events <- ev:
+		default:
+			if st.end() {
+				st.slow.Store(true)
+				h.metrics.streamsDroppedSlow.Inc()
+			}
+		}
+	}
+}
+
+// closeAll ends every stream and refuses new ones; it runs on shutdown.
+func (h *Hub) closeAll() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.closed = true
+	for _, set := range h.streams {
+		for st := range set {
+			st.end()
+		}
+	}
+}
+
+// run feeds notifications to the streams until ctx is done. A nil notification
+// means the listener reconnected and may have missed some, so every stream is
+// synced with the log; so it is every syncInterval, whatever happens.
+func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterval time.Duration, ping func() error) {
+	t := time.NewTicker(syncInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case n := <-notes:
+			if n == nil {
+				h.metrics.listenerReconnects.Inc()
+				h.sync(ctx)
+				continue
+			}
+			if n.Channel == notifyChannel {
+				h.dispatch(n.Extra)
+			}
+		case <-t.C:
+			if err := ping(); err != nil {
+				h.logger.Warn("event listener ping", "err", err)
+			}
+			h.sync(ctx)
+		}
+	}
+}
+
+// dispatch decodes one notification and publishes it to the local streams of each
+// user it is for, encoding each user's frame once.
+func (h *Hub) dispatch(payload string) {
+	var n notification
+	if err := json.Unmarshal([]byte(payload), &n); err != nil {
+		h.logger.Error("decode notification", "err", err)
+		return
+	}
+	for _, to := range n.To {
+		user, seq := to[0], to[1]
+		if !h.hasStreams(user) {
+			continue
+		}
+		var frame []byte
+		switch n.Kind {
+		case "message":
+			m := Message{ID: n.ID, Content: n.Content, ConversationID: n.ConversationID,
+				CreatedAt: time.UnixMicro(n.CreatedAt), Mine: user == n.Sender}
+			frame = messageFrame(seq, m)
+		case "read", "typing":
+			frame = namedFrame(seq, n.Kind, n.Data)
+		default:
+			h.logger.Error("unknown notification", "kind", n.Kind)
+			return
+		}
+		h.publish(user, &event{seq: seq, frame: frame})
+	}
+}
+
+// sync tells every local stream how far its user's log reaches, so that any stream
+// that missed a notification reads the rest from the log.
+func (h *Hub) sync(ctx context.Context) {
+	h.mu.RLock()
+	users := make([]int64, 0, len(h.streams))
+	for u := range h.streams {
+		users = append(users, u)
+	}
+	h.mu.RUnlock()
+	const chunk = 1000
+	for len(users) > 0 {
+		n := min(len(users), chunk)
+		if err := h.syncUsers(ctx, users[:n]); err != nil {
+			if ctx.Err() == nil {
+				h.logger.Warn("sync streams", "err", err)
+			}
+			return
+		}
+		users = users[n:]
+	}
+}
+
+func (h *Hub) syncUsers(ctx context.Context, users []int64) error {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	rows, err := h.db.QueryContext(ctx, `SELECT id, event_seq FROM users WHERE id = ANY($1)`, pq.Array(users))
+	if err != nil {
+		return fmt.Errorf("read event sequences: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var user, seq int64
+		if err := rows.Scan(&user, &seq); err != nil {
+			return fmt.Errorf("scan event sequence: %w", err)
+		}
+		h.publish(user, &event{syncTo: seq})
+	}
+	return rows.Err()
+}
+
+// messageFrame encodes a message event: the default event type, so that
+// EventSource.onmessage receives it.
+func messageFrame(seq int64, m Message) []byte {
+	data, _ := json.Marshal(m) // a Message always encodes
+	return namedFrame(seq, "", data)
+}
+
+// namedFrame encodes one SSE frame; seq 0 leaves out the id (fleeting events) and
+// an empty kind the event type. data must be one line, as encoded JSON is.
+func namedFrame(seq int64, kind string, data []byte) []byte {
+	b := make([]byte, 0, len(data)+48)
+	if seq > 0 {
+		b = append(b, "id: "...)
+		b = strconv.AppendInt(b, seq, 10)
+		b = append(b, '\n')
+	}
+	if kind != "" {
+		b = append(b, "event: "...)
+		b = append(b, kind...)
+		b = append(b, '\n')
+	}
+	b = append(b, "data: "...)
+	b = append(b, data...)
+	return append(b, "\n\n"...)
+}
+
+// notifyTyping tells user's streams, on every instance, that from is typing in
+// conversation.
+func notifyTyping(ctx context.Context, db *sql.DB, user, conversation, from int64) error {
+	data, _ := json.Marshal(map[string]string{
+		"conversationId": strconv.FormatInt(conversation, 10),
+		"userId":         strconv.FormatInt(from, 10),
+	})
+	payload, _ := json.Marshal(notification{Kind: "typing", To: [][2]int64{{user, 0}}, Data: data})
+	if _, err := db.ExecContext(ctx, `SELECT pg_notify($1, $2)`, notifyChannel, string(payload)); err != nil {
+		return fmt.Errorf("notify typing: %w", err)
+	}
+	return nil
+}
+
+// logPage is how many events one read of the log returns.
+const logPage = 500
+
+// readLog returns the frames of user's events after seq after, up to seq upTo (0: no
+// bound), at most logPage of them, in order.
+func readLog(ctx context.Context, db *sql.DB, user, after, upTo int64) ([]event, error) {
+	if upTo == 0 {
+		upTo = 1<<63 - 1
+	}
+	rows, err := db.QueryContext(ctx, `
+		SELECT e.seq, e.kind, e.payload, m.id, m.conversation_id, m.user_id, m.content, m.created_at
+		FROM events e LEFT JOIN messages m ON m.id = e.message_id
+		WHERE e.user_id = $1 AND e.seq > $2 AND e.seq <= $3
+		ORDER BY e.seq LIMIT $4`, user, after, upTo, logPage)
+	if err != nil {
+		return nil, fmt.Errorf("read event log: %w", err)
+	}
+	defer rows.Close()
+	var evs []event
+	for rows.Next() {
+		var seq int64
+		var kind string
+		var payload []byte
+		var msgID, conv, sender sql.NullInt64
+		var content sql.NullString
+		var at sql.NullTime
+		if err := rows.Scan(&seq, &kind, &payload, &msgID, &conv, &sender, &content, &at); err != nil {
+			return nil, fmt.Errorf("scan event: %w", err)
+		}
+		var frame []byte
+		if kind == "message" {
+			frame = messageFrame(seq, Message{ID: msgID.Int64, Content: content.String, ConversationID: conv.Int64,
+				CreatedAt: at.Time, Mine: sender.Int64 == user})
+		} else {
+			frame = namedFrame(seq, kind, payload)
+		}
+		evs = append(evs, event{seq: seq, frame: frame})
+	}
+	return evs, rows.Err()
+}
+
+// acceptsEventStream reports whether the request's Accept header allows
+// text/event-stream.
+func acceptsEventStream(r *http.Request) bool {
+	for _, part := range strings.Split(r.Header.Get("Accept"), ",") {
+		mt, _, err := mime.ParseMediaType(strings.TrimSpace(part))
+		if err == nil && (mt == "text/event-stream" || mt == "text/*") {
+			return true
+		}
+	}
+	return false
+}
+
+// lastEventID returns the id a reconnecting client last received, from the
+// Last-Event-ID header or ?last_event_id=; ok is false when there is none.
+func lastEventID(r *http.Request) (id int64, ok bool, err error) {
+	s := r.Header.Get("Last-Event-ID")
+	if s == "" {
+		s = r.URL.Query().Get("last_event_id")
+	}
+	if s == "" {
+		return 0, false, nil
+	}
+	id, err = strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+	if err != nil || id < 0 {
+		return 0, false, &apiError{status: http.StatusBadRequest, msg: "Last-Event-ID must be an event id"}
+	}
+	return id, true, nil
+}
+
+// handleStream serves GET /api/messages: the caller's events as Server-Sent Events,
+// live, after replaying whatever came after Last-Event-ID.
+func (s *server) handleStream() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if !acceptsEventStream(r) {
+			s.respondError(w, r, &apiError{status: http.StatusNotAcceptable, msg: "this endpoint serves text/event-stream; send Accept: text/event-stream"})
+			return
+		}
+		sess := sessionFrom(r.Context())
+		resumeFrom, resuming, err := lastEventID(r)
+		if err != nil {
+			s.respondError(w, r, err)
+			return
+		}
+		st := s.hub.register(sess.userID)
+		if st == nil {
+			s.respondError(w, r, &apiError{status: http.StatusServiceUnavailable, msg: "server is shutting down", retryAfter: time.Second})
+			return
+		}
+		defer s.hub.unregister(st)
+
+		// The stream is registered before the log's end is read, so every event
+		// after that point is either in the log read below or in st.events.
+		var head int64
+		err = s.db.QueryRowContext(r.Context(), `SELECT event_seq FROM users WHERE id = $1`, sess.userID).Scan(&head)
+		if errors.Is(err, sql.ErrNoRows) {
+			err = errTokenInvalid
+		}
+		if err != nil {
+			s.respondError(w, r, err)
+			return
+		}
+		last := head
+		if resuming && resumeFrom <= head {
+			last = resumeFrom
+		}
+
+		out := &streamWriter{w: w, rc: http.NewResponseController(w), timeout: s.cfg.writeTimeout}
+		h := w.Header()
+		h.Set("Content-Type", "text/event-stream")
+		h.Set("Cache-Control", "no-cache")
+		h.Set("Connection", "keep-alive")
+		h.Set("X-Accel-Buffering", "no")
+		w.WriteHeader(http.StatusOK)
+		out.write([]byte(": connected\nretry: 2000\n\n"))
+		if last == head {
+			// Tell the client where it stands, so that a reconnect resumes here even
+			// if no event comes first. A frame with an id and no data sets the
+			// EventSource's last event id without dispatching anything.
+			out.write([]byte("id: " + strconv.FormatInt(head, 10) + "\n\n"))
+		}
+		if err := out.flush(); err != nil {
+			return
+		}
+
+		catchUp := func(upTo int64) error {
+			for upTo == 0 || last < upTo {
+				evs, err := readLog(r.Context(), s.db, sess.userID, last, upTo)
+				if err != nil {
+					return err
+				}
+				for _, ev := range evs {
+					out.write(ev.frame)
+					last = ev.seq
+				}
+				s.metrics.eventsDelivered.Add(float64(len(evs)))
+				if len(evs) < logPage {
+					return out.flush()
+				}
+			}
+			return out.flush()
+		}
+		if last < head {
+			if err := catchUp(0); err != nil {
+				s.logStreamEnd(r, err)
+				return
+			}
+		}
+
+		keepAlive := time.NewTicker(s.cfg.keepAlive)
+		defer keepAlive.Stop()
+		expiry := time.NewTimer(time.Until(sess.expires))
+		defer expiry.Stop()
+		for {
+			select {
+			case <-r.Context().Done():
+				return
+			case <-st.done:
+				if st.slow.Load() {
+					s.logger.Info("stream dropped: too slow", "user", sess.userID, "last", last)
+				}
+				return
+			case <-expiry.C:
+				out.write([]byte(": token expired\n\n"))
+				out.flush()
+				return
+			case <-keepAlive.C:
+				out.write([]byte(": keep-alive\n\n"))
+			case ev := <-st.events:
+				// Take everything queued, then flush once.
+				for {
+					switch {
+					case ev.syncTo > 0:
+						if ev.syncTo > last {
+							err = catchUp(ev.syncTo)
+						}
+					case ev.seq == 0:
+						out.write(ev.frame)
+					case ev.seq <= last:
+						// Already written, from the log or an earlier notification.
+					default:
+						if ev.seq > last+1 {
+							err = catchUp(ev.seq - 1)
+						}
+						if err == nil {
+							out.write(ev.frame)
+							last = ev.seq
+							s.metrics.eventsDelivered.Inc()
+						}
+					}
+					if err != nil || len(st.events) == 0 {
+						break
+					}
+					ev = <-st.events
+				}
+				if err != nil {
+					s.logStreamEnd(r, err)
+					return
+				}
+			}
+			if err := out.flush(); err != nil {
+				return
+			}
+		}
+	}
+}
+
+func (s *server) logStreamEnd(r *http.Request, err error) {
+	if r.Context().Err() == nil {
+		s.logger.Warn("stream ended", "user", sessionFrom(r.Context()).userID, "err", err)
+	}
+}
+
+// streamWriter writes frames to an event stream, each flush with its own deadline,
+// so that a client that stops reading is cut off without a server-wide
+// WriteTimeout. The first error sticks.
+type streamWriter struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	timeout time.Duration
+	err     error
+}
+
+func (sw *streamWriter) write(b []byte) {
+	if sw.err != nil {
+		return
+	}
+	sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout))
+	_, sw.err = sw.w.Write(b)
+}
+
+func (sw *streamWriter) flush() error {
+	if sw.err != nil {
+		return sw.err
+	}
+	sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout))
+	sw.err = sw.rc.Flush()
+	return sw.err
+}
