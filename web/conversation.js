@@ -8,6 +8,7 @@ const MAX_LENGTH = 480; // characters (code points), as the server counts them
 const COUNTER_FROM = 100; // show the counter once this few characters remain
 const TYPING_EVERY = 3000; // ms between typing notices sent
 const TYPING_SHOWN = 4000; // ms a typing notice from the other stays up
+const GROUP_GAP = 5 * 60 * 1000; // messages of one sender closer than this share one time
 
 export function mountConversation(root, ctx, id) {
   const controller = new AbortController();
@@ -91,6 +92,22 @@ export function mountConversation(root, ctx, id) {
       markRead();
       announce(`${other?.username ?? 'New message'}: ${m.content}`);
     }
+    arrange();
+  }
+
+  // arrange shows one time for a run of messages from one sender, and "Seen".
+  function arrange() {
+    const items = list.children;
+    for (let i = 0; i < items.length; i++) {
+      const li = items[i];
+      const next = items[i + 1];
+      const followed =
+        next?.dataset.id !== undefined &&
+        li.dataset.id !== undefined &&
+        li.classList.contains('mine') === next.classList.contains('mine') &&
+        Date.parse(next.dataset.createdAt) - Date.parse(li.dataset.createdAt) < GROUP_GAP;
+      li.classList.toggle('followed', followed);
+    }
     updateSeen();
   }
 
@@ -118,7 +135,7 @@ export function mountConversation(root, ctx, id) {
       loaded = true;
       for (const m of early) add(m);
       early = [];
-      updateSeen();
+      arrange();
       scrollToBottom();
       olderObserver.observe(olderStatus);
       markRead();
@@ -143,6 +160,7 @@ export function mountConversation(root, ctx, id) {
       if (page.length) oldestId = page[page.length - 1].id;
       done = page.length < PAGE_SIZE;
       olderStatus.textContent = done ? 'This is the beginning of your conversation.' : '';
+      arrange();
       // Keep what was on screen where it was.
       messages.scrollTop = top + (messages.scrollHeight - height);
     } catch (err) {
@@ -261,7 +279,7 @@ export function mountConversation(root, ctx, id) {
         held = [];
         for (const m of mine) add(m);
       }
-      updateSeen();
+      arrange();
     }
   }
 

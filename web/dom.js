@@ -80,8 +80,16 @@ export function relativeTime(iso, now = Date.now()) {
 export function timeElement(iso, { relative = true } = {}) {
   const date = new Date(iso);
   const valid = !Number.isNaN(date.getTime());
-  const text = !valid ? '' : relative ? relativeTime(iso) : date.toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' });
+  const text = !valid ? '' : relative ? relativeTime(iso) : clockTime(date);
   return h('time', { datetime: valid ? date.toISOString() : null, title: valid ? date.toLocaleString() : null, dataset: relative ? { relative: '' } : undefined }, text);
+}
+
+// clockTime is "14:05" for today, "Nov 20, 14:05" for other days.
+function clockTime(date) {
+  const time = date.toLocaleTimeString(undefined, { hour: '2-digit', minute: '2-digit' });
+  if (date.toDateString() === new Date().toDateString()) return time;
+  const sameYear = date.getFullYear() === new Date().getFullYear();
+  return `${date.toLocaleDateString(undefined, { month: 'short', day: 'numeric', year: sameYear ? undefined : 'numeric' })}, ${time}`;
 }
 
 export function refreshTimes(root) {
