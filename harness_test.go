@@ -364,7 +364,7 @@ type sseStream struct {
 	resp   *http.Response
 	cancel context.CancelFunc
 	events chan sseEvent
-	err    error  // why the stream ended, once events is closed
+	err    error // why the stream ended, once events is closed
 
 	mu     sync.Mutex // guards lastID
 	lastID string     // what an EventSource would send as Last-Event-ID

@@ -58,7 +58,7 @@ export function mountConversation(root, ctx, id) {
   // Rendering messages.
 
   function messageElement(m) {
-    const li = h('li', { class: `message ${m.mine ? 'mine' : 'theirs'}` }, h('p', { class: 'content' }, linkify(m.content)), h('p', { class: 'meta' }));
+    const li = h('li', { class: `message ${m.mine ? 'mine' : 'theirs'}` }, h('p', { class: 'content' }), h('p', { class: 'meta' }));
     fill(li, m);
     return li;
   }
