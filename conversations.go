@@ -73,7 +73,7 @@ func otherParticipant(ctx context.Context, db *sql.DB, me, id int64) (User, erro
 	u, err := scanUser(db.QueryRowContext(ctx, `
 		SELECT u.id, u.username, u.avatar_url
 		FROM conversations c
-		JOIN users u ON u.id = CASE $1 WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END
+		JOIN users u ON u.id = CASE $1::bigint WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END
 		WHERE c.id = $2`, me, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return u, errNotFound
