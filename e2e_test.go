@@ -1,0 +1,572 @@
+package main
+
+// End-to-end tests of the web client: Debian's Chromium, driven through the
+// DevTools protocol, against the real server of newTestServer. Each browser is a
+// separate Chromium process with its own fresh profile, so two browsers are two
+// people. Every test saves what it ends on in docs/screenshots/.
+//
+// Run them with: go test -race -run E2E ./...
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/chromedp/cdproto/input"
+	"github.com/chromedp/cdproto/log"
+	"github.com/chromedp/cdproto/page"
+	"github.com/chromedp/cdproto/runtime"
+	"github.com/chromedp/chromedp"
+)
+
+// e2eWait is the longest a test waits for one thing to show in a browser.
+const e2eWait = 20 * time.Second
+
+// screenshotDir is where the tests save what they saw.
+const screenshotDir = "docs/screenshots"
+
+type viewport struct {
+	width, height int64
+	mobile        bool
+}
+
+var (
+	desktop = viewport{width: 1200, height: 800}
+	phone   = viewport{width: 390, height: 844, mobile: true}
+)
+
+// chromiumPath returns the browser to drive. Without one the test is skipped,
+// except under CI, where a missing browser is a failure.
+func chromiumPath(t *testing.T) string {
+	t.Helper()
+	for _, p := range []string{"/usr/bin/chromium", "/usr/bin/chromium-browser"} {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatal("Chromium is not installed (apt-get install chromium): CI must run the browser tests")
+	}
+	t.Skip("Chromium is not installed (apt-get install chromium); skipping the browser tests")
+	return ""
+}
+
+// browser is one Chromium with one tab, signed in as one user.
+type browser struct {
+	t    *testing.T
+	name string
+	base string
+	ctx  context.Context
+
+	mu       sync.Mutex // guards dialogs and problems
+	dialogs  []string   // alert, confirm and prompt messages the page opened
+	problems []string   // uncaught exceptions and Content-Security-Policy violations
+}
+
+// newBrowser starts a Chromium with a fresh profile for the test server ts.
+func newBrowser(t *testing.T, ts *testServer, name string, vp viewport) *browser {
+	t.Helper()
+	opts := []chromedp.ExecAllocatorOption{
+		chromedp.ExecPath(chromiumPath(t)),
+		chromedp.Headless,
+		chromedp.NoSandbox,
+		chromedp.DisableGPU,
+		chromedp.NoFirstRun,
+		chromedp.NoDefaultBrowserCheck,
+		chromedp.Flag("disable-background-networking", true),
+		chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-sync", true),
+		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("disable-dev-shm-usage", true),
+		chromedp.Flag("disable-extensions", true),
+		chromedp.Flag("disable-background-timer-throttling", true),
+		chromedp.Flag("disable-renderer-backgrounding", true),
+		chromedp.Flag("disable-backgrounding-occluded-windows", true),
+		chromedp.Flag("password-store", "basic"),
+		chromedp.UserDataDir(t.TempDir()),
+		chromedp.WindowSize(int(vp.width), int(vp.height)),
+	}
+	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	ctx, cancelCtx := chromedp.NewContext(allocCtx)
+	t.Cleanup(func() {
+		cancelCtx()
+		cancelAlloc()
+	})
+	b := &browser{t: t, name: name, base: ts.URL, ctx: ctx}
+	if err := chromedp.Do(ctx); err != nil {
+		t.Fatalf("%s: start Chromium: %v", name, err)
+	}
+	if vp.mobile {
+		if err := chromedp.Do(ctx, chromedp.EmulateViewport(vp.width, vp.height, chromedp.EmulateMobile)); err != nil {
+			t.Fatalf("%s: emulate a phone: %v", name, err)
+		}
+	}
+	err := chromedp.Listen(ctx, func(ev any) {
+		switch ev := ev.(type) {
+		case *page.EventJavascriptDialogOpening:
+			b.note(&b.dialogs, ev.Message)
+			// Close it from another goroutine: a listener must not send commands.
+			go chromedp.Call(ctx, page.HandleJavaScriptDialog, page.HandleJavaScriptDialogParams{Accept: false})
+		case *runtime.EventExceptionThrown:
+			d := ev.ExceptionDetails
+			text := d.Text
+			if d.Exception != nil {
+				text += " " + d.Exception.Description
+			}
+			b.note(&b.problems, fmt.Sprintf("uncaught exception at %s:%d: %s", d.URL, d.LineNumber+1, text))
+		case *log.EventEntryAdded:
+			if strings.Contains(ev.Entry.Text, "Content Security Policy") {
+				b.note(&b.problems, "CSP violation: "+ev.Entry.Text)
+			}
+		}
+	})
+	if err != nil {
+		t.Fatalf("%s: listen to the page: %v", name, err)
+	}
+	t.Cleanup(func() {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		for _, p := range b.problems {
+			t.Errorf("%s: %s", name, p)
+		}
+	})
+	return b
+}
+
+func (b *browser) note(list *[]string, s string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	*list = append(*list, s)
+}
+
+func (b *browser) dialogsOpened() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.dialogs)
+}
+
+// do runs the steps within e2eWait; on failure it saves a screenshot next to
+// the test's temporary files and fails the test.
+func (b *browser) do(what string, steps ...chromedp.Action[chromedp.Void]) {
+	b.t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, e2eWait)
+	defer cancel()
+	if err := chromedp.Do(ctx, steps...); err != nil {
+		b.fail(what, err)
+	}
+}
+
+func (b *browser) fail(what string, err error) {
+	b.t.Helper()
+	msg := fmt.Sprintf("%s: %s: %v", b.name, what, err)
+	ctx, cancel := context.WithTimeout(b.ctx, 5*time.Second)
+	defer cancel()
+	if png, serr := chromedp.Run(ctx, chromedp.CaptureScreenshot()); serr == nil {
+		file := filepath.Join(os.TempDir(), fmt.Sprintf("e2e-failure-%s-%s.png", strings.ReplaceAll(b.t.Name(), "/", "_"), b.name))
+		if os.WriteFile(file, png, 0o644) == nil {
+			msg += "\nscreenshot: " + file
+		}
+	}
+	if html, herr := chromedp.Run(ctx, chromedp.Evaluate[string](`document.body.innerText`)); herr == nil {
+		msg += "\npage text:\n" + html
+	}
+	b.t.Fatal(msg)
+}
+
+// eval evaluates a JavaScript expression in the page and decodes its value.
+func eval[T any](b *browser, expr string) T {
+	b.t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, e2eWait)
+	defer cancel()
+	v, err := chromedp.Run(ctx, chromedp.Evaluate[T](expr))
+	if err != nil {
+		b.fail("evaluate "+expr, err)
+	}
+	return v
+}
+
+// waitUntil waits until the JavaScript expression is truthy.
+func (b *browser) waitUntil(what, expr string) {
+	b.t.Helper()
+	b.do("wait until "+what, chromedp.Poll[chromedp.Void](expr,
+		chromedp.WithPollingInterval(50*time.Millisecond), chromedp.WithPollingTimeout(e2eWait)))
+}
+
+// screenshot saves the visible page as docs/screenshots/name.png.
+func (b *browser) screenshot(name string) {
+	b.t.Helper()
+	ctx, cancel := context.WithTimeout(b.ctx, e2eWait)
+	defer cancel()
+	png, err := chromedp.Run(ctx, chromedp.CaptureScreenshot())
+	if err != nil {
+		b.fail("screenshot", err)
+	}
+	if err := os.MkdirAll(screenshotDir, 0o755); err != nil {
+		b.t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(screenshotDir, name+".png"), png, 0o644); err != nil {
+		b.t.Fatal(err)
+	}
+}
+
+// signIn signs in through the sign-in page and waits for the home page.
+func (b *browser) signIn(username string) {
+	b.t.Helper()
+	b.do("sign in as "+username,
+		chromedp.Navigate(b.base+"/"),
+		chromedp.WaitVisible(chromedp.CSS("#login-form")),
+		chromedp.SendKeys(chromedp.CSS("#username"), username),
+		chromedp.Click(chromedp.CSS(`#login-form button[type="submit"]`)),
+		chromedp.WaitVisible(chromedp.CSS("#new-conversation-form")),
+	)
+}
+
+// openConversation clicks a conversation on the home page and waits for its history.
+func (b *browser) openConversation(id string) {
+	b.t.Helper()
+	b.do("open conversation "+id,
+		chromedp.Click(chromedp.CSS(fmt.Sprintf(`.conversation-item[data-id="%s"] a`, id))),
+		chromedp.WaitVisible(chromedp.CSS("#message-form")),
+	)
+	b.waitUntil("the history has loaded", `document.querySelector('#messages .message[data-id]') !== null || /beginning/.test(document.querySelector('.older-status')?.textContent)`)
+}
+
+// send types a message in the conversation's box and presses Enter.
+func (b *browser) send(text string) {
+	b.t.Helper()
+	b.do("type a message", chromedp.SendKeys(chromedp.CSS("#message-input"), text))
+	b.pressEnter()
+}
+
+// pressEnter presses Enter in the focused element the way a keyboard does: one
+// keyDown that carries the text, so that preventDefault on keydown stops the new
+// line (chromedp's SendKeys("\r") sends the text in a separate char event).
+func (b *browser) pressEnter() {
+	b.t.Helper()
+	b.do("press Enter", chromedp.Func(func(ctx context.Context, t *chromedp.Target) error {
+		key := input.DispatchKeyEventParams{Key: "Enter", Code: "Enter", WindowsVirtualKeyCode: 13, NativeVirtualKeyCode: 13}
+		down := key
+		down.Type, down.Text, down.UnmodifiedText = input.DispatchKeyEventTypeKeyDown, "\r", "\r"
+		up := key
+		up.Type = input.DispatchKeyEventTypeKeyUp
+		for _, ev := range []input.DispatchKeyEventParams{down, up} {
+			if _, err := chromedp.Call(ctx, input.DispatchKeyEvent, ev); err != nil {
+				return err
+			}
+		}
+		return nil
+	}))
+}
+
+// shownMessage is a message as the conversation page shows it.
+type shownMessage struct {
+	ID      string `json:"id"`
+	Content string `json:"content"`
+	Mine    bool   `json:"mine"`
+	Pending bool   `json:"pending"`
+	Failed  bool   `json:"failed"`
+}
+
+// messages returns every message on the conversation page, top to bottom.
+func (b *browser) messages() []shownMessage {
+	b.t.Helper()
+	return eval[[]shownMessage](b, `[...document.querySelectorAll('#messages .message')].map(li => ({
+		id: li.dataset.id ?? '',
+		content: li.querySelector('.content').textContent,
+		mine: li.classList.contains('mine'),
+		pending: li.classList.contains('pending'),
+		failed: li.classList.contains('failed'),
+	}))`)
+}
+
+// jsString quotes s as a JavaScript string literal.
+func jsString(s string) string {
+	var sb strings.Builder
+	sb.WriteByte('"')
+	for _, r := range s {
+		switch {
+		case r == '"' || r == '\\':
+			sb.WriteByte('\\')
+			sb.WriteRune(r)
+		case r < 0x20 || r == 0x2028 || r == 0x2029:
+			fmt.Fprintf(&sb, `\u%04x`, r)
+		default:
+			sb.WriteRune(r)
+		}
+	}
+	sb.WriteByte('"')
+	return sb.String()
+}
+
+// messageShownOnce is a JavaScript condition: exactly one confirmed message has content.
+func messageShownOnce(content string) string {
+	return fmt.Sprintf(`[...document.querySelectorAll('#messages .message[data-id] .content')].filter(c => c.textContent === %s).length === 1`, jsString(content))
+}
+
+// checkEachOnce fails unless every message id on the page is unique and each of
+// contents is shown exactly once.
+func checkEachOnce(t *testing.T, shown []shownMessage, contents ...string) {
+	t.Helper()
+	ids := map[string]int{}
+	texts := map[string]int{}
+	for _, m := range shown {
+		if m.ID == "" {
+			t.Errorf("message %q has no id (pending %v, failed %v)", m.Content, m.Pending, m.Failed)
+			continue
+		}
+		ids[m.ID]++
+		texts[m.Content]++
+	}
+	for id, n := range ids {
+		if n != 1 {
+			t.Errorf("message %s shown %d times, want once", id, n)
+		}
+	}
+	for _, c := range contents {
+		if texts[c] != 1 {
+			t.Errorf("message %q shown %d times, want once", c, texts[c])
+		}
+	}
+}
+
+// TestE2ETwoPeopleTalk: alice and bob, each in their own browser, talk live.
+func TestE2ETwoPeopleTalk(t *testing.T) {
+	ts := newTestServer(t)
+	aliceName, bobName := uniqueName("alice"), uniqueName("bob")
+	alice := newBrowser(t, ts, "alice", desktop)
+	bob := newBrowser(t, ts, "bob", phone)
+
+	bob.signIn(bobName)
+	bob.do("mark the page, to tell a reload", chromedp.Evaluate[chromedp.Void](`window.sameDocument = true`))
+	alice.signIn(aliceName)
+
+	// Alice finds bob through the suggestions and starts a conversation.
+	alice.do("type bob's name", chromedp.SendKeys(chromedp.CSS("#new-username"), bobName[:len(bobName)-3]))
+	alice.waitUntil("bob is suggested", fmt.Sprintf(`[...document.querySelectorAll('#username-suggestions option')].some(o => o.value === %s)`, jsString(bobName)))
+	alice.do("start the conversation",
+		chromedp.SendKeys(chromedp.CSS("#new-username"), bobName[len(bobName)-3:]),
+		chromedp.Click(chromedp.CSS(`#new-conversation-form button[type="submit"]`)),
+		chromedp.WaitVisible(chromedp.CSS("#message-input")),
+	)
+	alice.waitUntil("the page is the conversation with bob", fmt.Sprintf(`/^\/conversations\/[^/]+$/.test(location.pathname) && document.querySelector('h1').textContent === %s`, jsString(bobName)))
+	conversationID := eval[string](alice, `location.pathname.split('/').pop()`)
+
+	hello := "Hello Bob! How are you?"
+	alice.send(hello)
+	alice.waitUntil("the message is confirmed", messageShownOnce(hello)+` && !document.querySelector('.message.pending')`)
+	if v := eval[string](alice, `document.querySelector('#message-input').value`); v != "" {
+		t.Errorf("message box after sending holds %q, want it empty", v)
+	}
+
+	// Bob, on his home page, sees it arrive with an unread badge, without a reload.
+	item := fmt.Sprintf(`.conversation-item[data-id="%s"]`, conversationID)
+	bob.waitUntil("the conversation shows with 1 unread", fmt.Sprintf(
+		`document.querySelector(%s)?.querySelector('.badge')?.textContent === '1' && document.querySelector(%s).querySelector('.preview').textContent.includes(%s)`,
+		jsString(item), jsString(item), jsString(hello)))
+	if !eval[bool](bob, `window.sameDocument === true`) {
+		t.Error("bob's page was reloaded, want the conversation to arrive live")
+	}
+	bob.screenshot("e2e-home-unread-phone")
+
+	// Bob opens it (which marks it read) and replies; alice sees him typing.
+	bob.openConversation(conversationID)
+	bob.waitUntil("alice's message is shown", messageShownOnce(hello))
+	alice.waitUntil("alice sees Seen under her message", `document.querySelector('.message.mine[data-id] .seen') !== null`)
+
+	reply := "Hi Alice, all good."
+	bob.do("type a reply", chromedp.SendKeys(chromedp.CSS("#message-input"), reply))
+	alice.do("alice sees bob typing", chromedp.WaitVisible(chromedp.CSS(".typing")))
+	alice.screenshot("e2e-typing")
+	bob.pressEnter()
+
+	alice.waitUntil("alice sees the reply", messageShownOnce(reply))
+	alice.waitUntil("Seen is still under alice's message", `document.querySelector('.message.mine[data-id] .seen') !== null`)
+	bob.waitUntil("bob's reply is confirmed", messageShownOnce(reply)+` && !document.querySelector('.message.pending')`)
+
+	for _, b := range []*browser{alice, bob} {
+		shown := b.messages()
+		checkEachOnce(t, shown, hello, reply)
+		if len(shown) != 2 {
+			t.Errorf("%s sees %d messages, want 2: %+v", b.name, len(shown), shown)
+		}
+	}
+	// Alice has the conversation open, so the reply is read at once, and bob sees it.
+	bob.waitUntil("bob sees Seen under his reply", `document.querySelector('.message.mine[data-id] .seen') !== null`)
+	if n := eval[int](alice, `document.querySelectorAll('.seen').length`); n != 1 {
+		t.Errorf("alice sees %d Seen marks, want 1", n)
+	}
+	alice.screenshot("e2e-conversation-desktop")
+	bob.screenshot("e2e-conversation-phone")
+}
+
+// TestE2EHistory: a reload keeps the conversation, and scrolling up loads all of
+// a long history, each message once, without the view jumping.
+func TestE2EHistory(t *testing.T) {
+	ts := newTestServer(t)
+	carol, dave := ts.newUser(t, "carol"), ts.newUser(t, "dave")
+	conv := carol.startConversation(dave)
+	var want []string
+	for i := 1; i <= 60; i++ {
+		sender := carol
+		if i%3 == 0 {
+			sender = dave
+		}
+		content := fmt.Sprintf("Message %02d", i)
+		sender.send(conv.ID, content)
+		want = append(want, content)
+	}
+
+	b := newBrowser(t, ts, "carol", desktop)
+	b.signIn(carol.User.Username)
+	b.openConversation(conv.ID)
+	b.waitUntil("the newest page is shown", `document.querySelectorAll('#messages .message[data-id]').length === 25`)
+	b.waitUntil("the newest message is at the bottom, in view", `(() => {
+		const m = document.getElementById('messages');
+		const items = m.querySelectorAll('.message[data-id]');
+		return items[items.length - 1].querySelector('.content').textContent === 'Message 60' &&
+			m.scrollHeight - m.scrollTop - m.clientHeight < 2;
+	})()`)
+
+	b.do("reload", chromedp.Reload())
+	b.waitUntil("the reloaded page shows the same conversation", fmt.Sprintf(
+		`location.pathname === %s && document.querySelector('h1')?.textContent === %s && document.querySelectorAll('#messages .message[data-id]').length === 25`,
+		jsString("/conversations/"+conv.ID), jsString(dave.User.Username)))
+
+	// Scroll to the top twice: 25 + 25 + 10 messages.
+	for _, total := range []int{50, 60} {
+		// Where the oldest shown message sits before the older ones load...
+		before := eval[float64](b, `(() => {
+			const m = document.getElementById('messages');
+			m.scrollTop = 0;
+			window.anchor = m.querySelector('.message[data-id]');
+			return window.anchor.getBoundingClientRect().top;
+		})()`)
+		b.waitUntil(fmt.Sprintf("%d messages are shown", total), fmt.Sprintf(`document.querySelectorAll('#messages .message[data-id]').length === %d && !/Loading/.test(document.querySelector('.older-status').textContent)`, total))
+		// ...is where it sits after: the view did not jump.
+		after := eval[float64](b, `window.anchor.getBoundingClientRect().top`)
+		if d := after - before; d < -30 || d > 30 {
+			t.Errorf("loading older messages moved the view by %.0fpx, want it kept in place", d)
+		}
+	}
+	b.do("scroll to the very top", chromedp.Evaluate[chromedp.Void](`document.getElementById('messages').scrollTop = 0`))
+	b.waitUntil("the beginning is announced", `/beginning/.test(document.querySelector('.older-status').textContent)`)
+
+	shown := b.messages()
+	checkEachOnce(t, shown, want...)
+	var got []string
+	for _, m := range shown {
+		got = append(got, m.Content)
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("messages top to bottom:\ngot  %q\nwant %q", got, want)
+	}
+	b.screenshot("e2e-history-top")
+}
+
+// TestE2EReconnect: the server restarts while the other person writes; once the
+// stream is back, the messages missed meanwhile are on screen, each once.
+func TestE2EReconnect(t *testing.T) {
+	ts := newTestServer(t)
+	// A second instance on the same database takes bob's messages while the
+	// first one is down, as another replica behind a load balancer would.
+	replica := newTestServer(t)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := bob.startConversation(alice)
+	bob.send(conv.ID, "Before the restart")
+
+	b := newBrowser(t, ts, "alice", desktop)
+	b.signIn(alice.User.Username)
+	b.openConversation(conv.ID)
+	b.waitUntil("the first message is shown", messageShownOnce("Before the restart"))
+	// A live message proves the stream is open (and gives it a last event id).
+	bob.send(conv.ID, "Live before the cut")
+	b.waitUntil("the live message arrives", messageShownOnce("Live before the cut"))
+
+	if err := ts.stop(t); err != nil {
+		t.Fatalf("stop the server: %v", err)
+	}
+	b.do("the page says it is reconnecting", chromedp.WaitVisible(chromedp.CSS("#reconnecting")))
+	missed := []string{"Missed one", "Missed two", "Missed three"}
+	for _, content := range missed {
+		bob.as(replica).send(conv.ID, content)
+	}
+	b.screenshot("e2e-reconnecting")
+
+	ts.start(t)
+	b.do("the reconnecting notice goes away", chromedp.WaitNotVisible(chromedp.CSS("#reconnecting")))
+	for _, content := range missed {
+		b.waitUntil("missed message "+content, messageShownOnce(content))
+	}
+	bob.send(conv.ID, "After the reconnect")
+	b.waitUntil("a live message after the reconnect", messageShownOnce("After the reconnect"))
+
+	all := append([]string{"Before the restart", "Live before the cut"}, missed...)
+	all = append(all, "After the reconnect")
+	shown := b.messages()
+	checkEachOnce(t, shown, all...)
+	if len(shown) != len(all) {
+		t.Errorf("%d messages shown, want %d: %+v", len(shown), len(all), shown)
+	}
+	b.screenshot("e2e-reconnected")
+}
+
+// TestE2EMessageIsText: markup in a message is shown as text, never run.
+func TestE2EMessageIsText(t *testing.T) {
+	ts := newTestServer(t)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := bob.startConversation(alice)
+	payload := `<img src=x onerror=alert(1)>`
+	bob.send(conv.ID, payload)
+	bob.send(conv.ID, `javascript:alert(2) is no link, but https://example.com/a?b=1 is.`)
+
+	b := newBrowser(t, ts, "alice", desktop)
+	b.signIn(alice.User.Username)
+	b.openConversation(conv.ID)
+	b.waitUntil("bob's messages are shown", `document.querySelectorAll('#messages .message[data-id]').length === 2`)
+	b.send(payload + ` <script>alert(3)</script>`)
+	b.waitUntil("alice's message is confirmed", messageShownOnce(payload+` <script>alert(3)</script>`))
+
+	type check struct {
+		Contents []string `json:"contents"`
+		Elements int      `json:"elements"` // elements inside message contents other than links
+		Links    []struct {
+			Href   string `json:"href"`
+			Target string `json:"target"`
+			Rel    string `json:"rel"`
+			Text   string `json:"text"`
+		} `json:"links"`
+	}
+	got := eval[check](b, `(() => {
+		const contents = [...document.querySelectorAll('#messages .message .content')];
+		return {
+			contents: contents.map(c => c.textContent),
+			elements: contents.flatMap(c => [...c.querySelectorAll('*')]).filter(e => e.tagName !== 'A').length,
+			links: contents.flatMap(c => [...c.querySelectorAll('a')]).map(a => ({href: a.href, target: a.target, rel: a.rel, text: a.textContent})),
+		};
+	})()`)
+	want := []string{payload, `javascript:alert(2) is no link, but https://example.com/a?b=1 is.`, payload + ` <script>alert(3)</script>`}
+	if !slices.Equal(got.Contents, want) {
+		t.Errorf("message texts:\ngot  %q\nwant %q", got.Contents, want)
+	}
+	if got.Elements != 0 {
+		t.Errorf("%d elements inside messages besides links, want 0", got.Elements)
+	}
+	if n := eval[int](b, `document.querySelectorAll('#messages img, #messages script').length`); n != 0 {
+		t.Errorf("%d img or script elements in the messages, want 0", n)
+	}
+	if len(got.Links) != 1 || got.Links[0].Href != "https://example.com/a?b=1" || got.Links[0].Target != "_blank" ||
+		got.Links[0].Rel != "noopener noreferrer" || got.Links[0].Text != "https://example.com/a?b=1" {
+		t.Errorf("links: got %+v, want one to https://example.com/a?b=1 with target _blank and rel noopener noreferrer", got.Links)
+	}
+	// A dialog opens at once if markup ran; the page is settled by now.
+	if d := b.dialogsOpened(); len(d) != 0 {
+		t.Errorf("dialogs opened: %q, want none", d)
+	}
+	b.screenshot("e2e-markup-as-text")
+}
