@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -205,7 +206,7 @@ func (h *Hub) dispatch(payload string) {
 				CreatedAt: time.UnixMicro(n.CreatedAt), Mine: user == n.Sender}
 			frame = messageFrame(seq, m)
 		case "read", "typing":
-			frame = namedFrame(seq, n.Kind, n.Data)
+			frame = namedFrame(seq, n.Kind, compactJSON(n.Data))
 		default:
 			h.logger.Error("unknown notification", "kind", n.Kind)
 			return
@@ -280,6 +281,16 @@ func namedFrame(seq int64, kind string, data []byte) []byte {
 	return append(b, "\n\n"...)
 }
 
+// compactJSON drops the spaces PostgreSQL puts in jsonb text, so an event's data
+// reads the same whether it came live or from the log.
+func compactJSON(b []byte) []byte {
+	var buf bytes.Buffer
+	if json.Compact(&buf, b) != nil {
+		return b
+	}
+	return buf.Bytes()
+}
+
 // notifyTyping tells user's streams, on every instance, that from is typing in
 // conversation.
 func notifyTyping(ctx context.Context, db *sql.DB, user, conversation, from int64) error {
@@ -328,7 +339,7 @@ func readLog(ctx context.Context, db *sql.DB, user, after, upTo int64) ([]event,
 			frame = messageFrame(seq, Message{ID: msgID.Int64, Content: content.String, ConversationID: conv.Int64,
 				CreatedAt: at.Time, Mine: sender.Int64 == user})
 		} else {
-			frame = namedFrame(seq, kind, payload)
+			frame = namedFrame(seq, kind, compactJSON(payload))
 		}
 		evs = append(evs, event{seq: seq, frame: frame})
 	}
