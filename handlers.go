@@ -37,7 +37,7 @@ func (s *server) routes() http.Handler {
 // addRoutes lists every route of the server.
 func (s *server) addRoutes(r *way.Router) {
 	handle := func(method, pattern string, h http.HandlerFunc) {
-		r.Handle(method, pattern, s.instrument(pattern, h))
+		r.Handle(method, pattern, s.instrument(pattern, withTimeout(requestTimeout, h)))
 	}
 	authed := func(method, pattern string, h http.HandlerFunc) {
 		handle(method, pattern, s.authenticate(h))
@@ -58,11 +58,24 @@ func (s *server) addRoutes(r *way.Router) {
 	authed("GET", "/api/conversations/:id/messages", s.handleListMessages())
 	authed("POST", "/api/conversations/:id/read_messages", s.handleReadMessages())
 	authed("POST", "/api/conversations/:id/typing", s.handleTyping())
-	authed("GET", "/api/messages", s.handleStream())
+	// The stream lives as long as its client: no request timeout.
+	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.handleStream())))
 
 	handle("GET", "/healthz", s.handleHealthz())
 	handle("GET", "/readyz", s.handleReadyz())
 	r.Handle("GET", "/metrics", s.metrics.handler())
+}
+
+// requestTimeout bounds every request but the event stream, so that a database
+// that stops answering turns into errors instead of piled-up requests.
+const requestTimeout = 15 * time.Second
+
+func withTimeout(d time.Duration, h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), d)
+		defer cancel()
+		h(w, r.WithContext(ctx))
+	}
 }
 
 // handleNotFound answers paths no route matched: JSON 404 under /api/, the web

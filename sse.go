@@ -413,6 +413,9 @@ func (s *server) handleStream() http.HandlerFunc {
 		}
 
 		out := &streamWriter{w: w, rc: http.NewResponseController(w), timeout: s.cfg.writeTimeout}
+		// The connection may serve another request after this stream: clear the
+		// last write deadline when leaving.
+		defer out.rc.SetWriteDeadline(time.Time{})
 		h := w.Header()
 		h.Set("Content-Type", "text/event-stream")
 		h.Set("Cache-Control", "no-cache")
