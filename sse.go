@@ -168,7 +168,10 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 		select {
 		case <-ctx.Done():
 			return
-		case n := <-notes:
+		case n, ok := <-notes:
+			if !ok {
+				return // the listener was closed
+			}
 			if n == nil {
 				h.metrics.listenerReconnects.Inc()
 				h.sync(ctx)
