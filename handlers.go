@@ -222,10 +222,11 @@ func decodeJSON(w http.ResponseWriter, r *http.Request, dst any) error {
 	return nil
 }
 
-// parseID parses an id from a path or query; anything but a positive integer is
-// reported as errNotFound, since no such row can exist.
+// parseID parses an id from a path or query; anything but a positive integer in
+// its one canonical spelling (no sign, no leading zeros) is reported as
+// errNotFound, since no such row can exist.
 func parseID(s string) (int64, error) {
-	if len(s) == 0 || len(s) > 19 {
+	if len(s) == 0 || len(s) > 19 || s[0] < '1' || s[0] > '9' {
 		return 0, errNotFound
 	}
 	id, err := strconv.ParseInt(s, 10, 64)
