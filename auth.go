@@ -195,7 +195,15 @@ func (s *server) handleRefreshToken() http.HandlerFunc {
 		ExpiresAt time.Time `json:"expiresAt"`
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
-		token, exp := s.tokens.issue(sessionFrom(r.Context()).userID, time.Now())
+		me := sessionFrom(r.Context()).userID
+		if _, err := userByID(r.Context(), s.db, me); err != nil {
+			if errors.Is(err, errNotFound) {
+				err = errTokenInvalid // the token names a user that no longer exists
+			}
+			s.respondError(w, r, err)
+			return
+		}
+		token, exp := s.tokens.issue(me, time.Now())
 		respond(w, http.StatusOK, response{Token: token, ExpiresAt: exp.UTC()})
 	}
 }

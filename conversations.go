@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net/http"
 	"time"
+
+	"github.com/lib/pq"
 )
 
 // Conversation is a chat between the caller and one other participant, as the
@@ -156,6 +158,15 @@ func createConversation(ctx context.Context, db *sql.DB, me int64, username stri
 			return 0, false, fmt.Errorf("find conversation: %w", err)
 		}
 		return id, false, nil
+	}
+	var pqErr *pq.Error
+	if errors.As(err, &pqErr) && pqErr.Code == "23503" { // foreign_key_violation
+		// One of the two users is gone: the caller, whose token outlived the
+		// account, or the other, deleted since it was looked up.
+		if _, err := userByID(ctx, db, me); errors.Is(err, errNotFound) {
+			return 0, false, errTokenInvalid
+		}
+		return 0, false, &apiError{status: http.StatusNotFound, msg: "user not found"}
 	}
 	if err != nil {
 		return 0, false, fmt.Errorf("insert conversation: %w", err)
