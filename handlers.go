@@ -159,6 +159,9 @@ func (s *server) respondError(w http.ResponseWriter, r *http.Request, err error)
 		s.logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
 		ae = &apiError{status: http.StatusInternalServerError, msg: "internal server error"}
 	}
+	if ae.status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="messenger"`)
+	}
 	if ae.retryAfter > 0 {
 		w.Header().Set("Retry-After", strconv.Itoa(int((ae.retryAfter+time.Second-1)/time.Second)))
 	}
