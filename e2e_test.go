@@ -8,8 +8,10 @@ package main
 // Run them with: go test -race -run E2E ./...
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -18,8 +20,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/fetch"
 	"github.com/chromedp/cdproto/input"
 	"github.com/chromedp/cdproto/log"
+	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/cdproto/runtime"
 	"github.com/chromedp/chromedp"
@@ -569,4 +573,165 @@ func TestE2EMessageIsText(t *testing.T) {
 		t.Errorf("dialogs opened: %q, want none", d)
 	}
 	b.screenshot("e2e-markup-as-text")
+}
+
+// TestE2ESendRetry: a send whose answer is lost shows as failed; Retry sends it
+// again with the same Idempotency-Key, so it is stored and shown once. The box
+// counts characters as the server does, in code points.
+func TestE2ESendRetry(t *testing.T) {
+	ts := newTestServer(t)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := bob.startConversation(alice)
+
+	b := newBrowser(t, ts, "alice", desktop)
+	sends := b.interceptSends()
+	b.signIn(alice.User.Username)
+	b.openConversation(conv.ID)
+
+	// The limit: 480 characters, however many UTF-16 units they take.
+	type counter struct {
+		Text     string `json:"text"`
+		Disabled bool   `json:"disabled"`
+	}
+	fill := func(js string) counter {
+		return eval[counter](b, `(() => {
+			const box = document.getElementById('message-input');
+			box.value = `+js+`;
+			box.dispatchEvent(new Event('input', {bubbles: true}));
+			return {text: document.getElementById('char-count').textContent, disabled: document.querySelector('#message-form button[type=submit]').disabled};
+		})()`)
+	}
+	for _, tc := range []struct {
+		name, value string
+		want        counter
+	}{
+		{"short", `'hello'`, counter{"", false}},
+		{"near the limit", `'a'.repeat(400)`, counter{"80 characters left", false}},
+		{"emoji at the limit", `'\u{1F600}'.repeat(480)`, counter{"0 characters left", false}},
+		{"over the limit", `'a'.repeat(481)`, counter{"-1 characters left", true}},
+	} {
+		if got := fill(tc.value); got != tc.want {
+			t.Errorf("%s: counter %+v, want %+v", tc.name, got, tc.want)
+		}
+	}
+	fill(`''`)
+
+	// 1. A send never reaches the server: it shows as failed, and Retry (same
+	// Idempotency-Key) stores it once.
+	retried := "This one comes through on the second try"
+	sends.failNext(false)
+	b.send(retried)
+	b.do("the message shows as failed", chromedp.WaitVisible(chromedp.CSS(".message.failed .retry")))
+	b.screenshot("e2e-send-failed")
+	b.do("retry", chromedp.Click(chromedp.CSS(".message.failed .retry")))
+	b.waitUntil("the message is confirmed", messageShownOnce(retried)+` && !document.querySelector('.message.pending, .message.failed')`)
+
+	// 2. The answer to a send is lost: the server stored the message, the page
+	// saw a network error. The stream's copy confirms it; it is shown once.
+	lost := "The answer to this one gets lost"
+	sends.failNext(true)
+	b.send(lost)
+	b.waitUntil("the message is confirmed", messageShownOnce(lost)+` && !document.querySelector('.message.pending, .message.failed')`)
+
+	var stored []apiMessage
+	bob.mustDo("GET", "/api/conversations/"+conv.ID+"/messages", nil, http.StatusOK, &stored)
+	shown := b.messages()
+	checkEachOnce(t, shown, lost, retried)
+	if len(stored) != 2 || len(shown) != 2 || shown[0].ID != stored[1].ID || shown[1].ID != stored[0].ID {
+		t.Errorf("shown %+v, stored %+v: want the same two messages", shown, stored)
+	}
+	if n := sends.failed(); n != 2 {
+		t.Errorf("%d sends were made to fail, want 2", n)
+	}
+	b.screenshot("e2e-send-retried")
+}
+
+// sendInterceptor holds the page's requests to .../messages and can make the
+// next POST fail with a network error.
+type sendInterceptor struct {
+	b *browser
+
+	mu       sync.Mutex // guards the fields below
+	armed    bool       // fail the next POST
+	deliver  bool       // ...after sending it to the server ourselves (its answer is lost)
+	failures int
+}
+
+// interceptSends starts holding the page's requests to .../messages. It must run
+// before the page loads: interception starts late for a page already loaded.
+func (b *browser) interceptSends() *sendInterceptor {
+	b.t.Helper()
+	si := &sendInterceptor{b: b}
+	paused := chromedp.Events(b.ctx, fetch.RequestPaused)
+	if _, err := chromedp.Call(b.ctx, fetch.Enable, fetch.EnableParams{Patterns: []*fetch.RequestPattern{
+		{URLPattern: "*/api/conversations/*/messages*"},
+	}}); err != nil {
+		b.t.Fatalf("intercept sends: %v", err)
+	}
+	go func() {
+		for ev, err := range paused {
+			if err != nil {
+				return // the browser is closing
+			}
+			if err := si.handle(ev); err != nil && b.ctx.Err() == nil {
+				b.note(&b.problems, "intercepting "+ev.Request.URL+": "+err.Error())
+			}
+		}
+	}()
+	return si
+}
+
+// failNext makes the next POST of a message fail. With deliver, the server gets
+// it first (from the test, with the page's headers and body) and only the answer
+// is lost; without, it never reaches the server.
+func (si *sendInterceptor) failNext(deliver bool) {
+	si.mu.Lock()
+	defer si.mu.Unlock()
+	si.armed, si.deliver = true, deliver
+}
+
+func (si *sendInterceptor) failed() int {
+	si.mu.Lock()
+	defer si.mu.Unlock()
+	return si.failures
+}
+
+func (si *sendInterceptor) handle(ev fetch.EventRequestPaused) error {
+	si.mu.Lock()
+	fail := si.armed && ev.Request.Method == "POST"
+	deliver := si.deliver
+	if fail {
+		si.armed = false
+		si.failures++
+	}
+	si.mu.Unlock()
+	if !fail {
+		_, err := chromedp.Call(si.b.ctx, fetch.ContinueRequest, fetch.ContinueRequestParams{RequestID: ev.RequestID})
+		return err
+	}
+	if deliver {
+		var body []byte
+		for _, entry := range ev.Request.PostDataEntries {
+			body = append(body, entry.Bytes...)
+		}
+		req, err := http.NewRequest("POST", ev.Request.URL, bytes.NewReader(body))
+		if err != nil {
+			return err
+		}
+		for k, v := range ev.Request.Headers {
+			if s, ok := v.(string); ok {
+				req.Header.Set(k, s)
+			}
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusCreated {
+			return fmt.Errorf("sending it ourselves: status %d", resp.StatusCode)
+		}
+	}
+	_, err := chromedp.Call(si.b.ctx, fetch.FailRequest, fetch.FailRequestParams{RequestID: ev.RequestID, ErrorReason: network.ErrorReasonConnectionReset})
+	return err
 }

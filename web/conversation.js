@@ -10,11 +10,22 @@ const TYPING_EVERY = 3000; // ms between typing notices sent
 const TYPING_SHOWN = 4000; // ms a typing notice from the other stays up
 const GROUP_GAP = 5 * 60 * 1000; // messages of one sender closer than this share one time
 
+// normalize does to content what the server does before storing it.
+function normalize(content = '') {
+  return content
+    .replace(/\r\n?/g, '\n')
+    .split('\n')
+    .map((line) => line.replace(/\s+/g, ' ').trim())
+    .filter(Boolean)
+    .join('\n');
+}
+
 export function mountConversation(root, ctx, id) {
   const controller = new AbortController();
   const signal = controller.signal;
   const path = `/api/conversations/${encodeURIComponent(id)}`;
   const byId = new Map(); // message id -> its element
+  const drafts = new WeakMap(); // element of a message being sent -> its content
   let other = null;
   let loaded = false;
   let early = []; // stream messages that came before the history
@@ -84,6 +95,14 @@ export function mountConversation(root, ctx, id) {
 
   function add(m) {
     if (byId.has(m.id)) return;
+    // A send whose answer was lost may still have been stored: the stream's copy
+    // confirms it, instead of showing the message twice.
+    const failed = m.mine && [...list.querySelectorAll('.message.failed')].find((li) => normalize(drafts.get(li)) === m.content);
+    if (failed) {
+      fill(failed, m);
+      arrange();
+      return;
+    }
     const stick = nearBottom();
     list.append(messageElement(m));
     if (stick || m.mine) scrollToBottom();
@@ -248,6 +267,7 @@ export function mountConversation(root, ctx, id) {
     input.value = '';
     updateCounter();
     const li = h('li', { class: 'message mine pending', dataset: { key: uuid() } }, h('p', { class: 'content' }, linkify(content)), h('p', { class: 'meta' }));
+    drafts.set(li, content);
     list.append(li);
     scrollToBottom();
     send(li, content);
@@ -261,7 +281,8 @@ export function mountConversation(root, ctx, id) {
     try {
       // No abort signal: a message on its way is delivered even if the page is left.
       const m = await ctx.api('POST', `${path}/messages`, { body: { content }, headers: { 'Idempotency-Key': li.dataset.key } });
-      if (byId.has(m.id)) li.remove();
+      const shown = byId.get(m.id);
+      if (shown && shown !== li) li.remove();
       else fill(li, m);
     } catch (err) {
       if (err.status === 401) return;
