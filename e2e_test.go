@@ -10,6 +10,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -253,11 +254,20 @@ func (b *browser) send(text string) {
 // line (chromedp's SendKeys("\r") sends the text in a separate char event).
 func (b *browser) pressEnter() {
 	b.t.Helper()
-	b.do("press Enter", chromedp.Func(func(ctx context.Context, t *chromedp.Target) error {
-		key := input.DispatchKeyEventParams{Key: "Enter", Code: "Enter", WindowsVirtualKeyCode: 13, NativeVirtualKeyCode: 13}
-		down := key
-		down.Type, down.Text, down.UnmodifiedText = input.DispatchKeyEventTypeKeyDown, "\r", "\r"
-		up := key
+	b.pressKey("Enter", 13, "\r", 0)
+}
+
+// pressKey presses and releases a key in the focused element. modifiers is a bit
+// field: Alt=1, Ctrl=2, Meta=4, Shift=8.
+func (b *browser) pressKey(key string, keyCode int64, text string, modifiers int64) {
+	b.t.Helper()
+	b.do("press "+key, chromedp.Func(func(ctx context.Context, t *chromedp.Target) error {
+		ev := input.DispatchKeyEventParams{Key: key, Code: key, WindowsVirtualKeyCode: keyCode, NativeVirtualKeyCode: keyCode, Modifiers: modifiers}
+		down, up := ev, ev
+		down.Type, down.Text, down.UnmodifiedText = input.DispatchKeyEventTypeKeyDown, text, text
+		if text == "" {
+			down.Type = input.DispatchKeyEventTypeRawKeyDown
+		}
 		up.Type = input.DispatchKeyEventTypeKeyUp
 		for _, ev := range []input.DispatchKeyEventParams{down, up} {
 			if _, err := chromedp.Call(ctx, input.DispatchKeyEvent, ev); err != nil {
@@ -266,6 +276,23 @@ func (b *browser) pressEnter() {
 		}
 		return nil
 	}))
+}
+
+// tabTo presses Tab until the focused element matches the CSS selector, and
+// checks that focus is visible there.
+func (b *browser) tabTo(selector string) {
+	b.t.Helper()
+	for range 30 {
+		if eval[bool](b, fmt.Sprintf(`document.activeElement?.matches(%s) === true`, jsString(selector))) {
+			style := eval[string](b, `(() => { const s = getComputedStyle(document.activeElement); return s.outlineStyle + ' ' + s.outlineWidth; })()`)
+			if strings.HasPrefix(style, "none") || strings.HasSuffix(style, " 0px") {
+				b.t.Errorf("%s: focus on %s is not visible (outline %s)", b.name, selector, style)
+			}
+			return
+		}
+		b.pressKey("Tab", 9, "", 0)
+	}
+	b.fail("tab to "+selector, errors.New("not reached in 30 presses of Tab"))
 }
 
 // shownMessage is a message as the conversation page shows it.
@@ -361,6 +388,10 @@ func TestE2ETwoPeopleTalk(t *testing.T) {
 	alice.waitUntil("the page is the conversation with bob", fmt.Sprintf(`/^\/conversations\/[^/]+$/.test(location.pathname) && document.querySelector('h1').textContent === %s`, jsString(bobName)))
 	conversationID := eval[string](alice, `location.pathname.split('/').pop()`)
 
+	// Bob's tab goes to the background: the title counts what he has not read.
+	bob.do("hide bob's page", chromedp.Evaluate[chromedp.Void](`Object.defineProperty(document, 'visibilityState', {value: 'hidden', configurable: true});
+		document.dispatchEvent(new Event('visibilitychange'))`))
+
 	hello := "Hello Bob! How are you?"
 	alice.send(hello)
 	alice.waitUntil("the message is confirmed", messageShownOnce(hello)+` && !document.querySelector('.message.pending')`)
@@ -376,6 +407,10 @@ func TestE2ETwoPeopleTalk(t *testing.T) {
 	if !eval[bool](bob, `window.sameDocument === true`) {
 		t.Error("bob's page was reloaded, want the conversation to arrive live")
 	}
+	bob.waitUntil("the hidden tab's title counts 1 unread", `document.title === '(1) Messenger'`)
+	bob.do("show bob's page again", chromedp.Evaluate[chromedp.Void](`delete document.visibilityState;
+		document.dispatchEvent(new Event('visibilitychange'))`))
+	bob.waitUntil("the visible tab's title is plain", `document.visibilityState === 'visible' && document.title === 'Messenger'`)
 	bob.screenshot("e2e-home-unread-phone")
 
 	// Bob opens it (which marks it read) and replies; alice sees him typing.
@@ -734,4 +769,39 @@ func (si *sendInterceptor) handle(ev fetch.EventRequestPaused) error {
 	}
 	_, err := chromedp.Call(si.b.ctx, fetch.FailRequest, fetch.FailRequestParams{RequestID: ev.RequestID, ErrorReason: network.ErrorReasonConnectionReset})
 	return err
+}
+
+// TestE2EKeyboard: signing in, opening a conversation and writing a message of
+// two lines, with the keyboard alone; focus is visible on the way.
+func TestE2EKeyboard(t *testing.T) {
+	ts := newTestServer(t)
+	erin, frank := ts.newUser(t, "erin"), ts.newUser(t, "frank")
+	conv := frank.startConversation(erin)
+	frank.send(conv.ID, "Can you answer without a mouse?")
+
+	b := newBrowser(t, ts, "erin", desktop)
+	b.do("open the sign-in page", chromedp.Navigate(ts.URL+"/login"), chromedp.WaitVisible(chromedp.CSS("#login-form")))
+	b.tabTo("#username")
+	b.do("type the username", chromedp.KeyEvent(erin.User.Username))
+	b.pressEnter()
+	b.do("the home page shows", chromedp.WaitVisible(chromedp.CSS(".conversation-item")))
+
+	b.tabTo(".conversation-link")
+	b.screenshot("e2e-keyboard-focus")
+	b.pressEnter()
+	b.waitUntil("the conversation is open", messageShownOnce("Can you answer without a mouse?"))
+	b.tabTo("#message-input")
+	b.do("type the first line", chromedp.KeyEvent("Yes, I can."))
+	b.pressKey("Enter", 13, "\r", 8) // Shift+Enter: a new line, not a send
+	if n := eval[int](b, `document.querySelectorAll('#messages .message.mine').length`); n != 0 {
+		t.Fatalf("Shift+Enter sent the message")
+	}
+	b.do("type the second line", chromedp.KeyEvent("Two lines, even."))
+	b.pressEnter()
+	b.waitUntil("the two-line message is confirmed", messageShownOnce("Yes, I can.\nTwo lines, even."))
+
+	b.tabTo(".back-link")
+	b.pressEnter()
+	b.waitUntil("back home, the conversation shows my message", fmt.Sprintf(
+		`document.querySelector('.conversation-item[data-id="%s"] .preview')?.textContent.includes('Two lines, even.')`, conv.ID))
 }
