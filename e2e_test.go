@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -804,4 +805,111 @@ func TestE2EKeyboard(t *testing.T) {
 	b.pressEnter()
 	b.waitUntil("back home, the conversation shows my message", fmt.Sprintf(
 		`document.querySelector('.conversation-item[data-id="%s"] .preview')?.textContent.includes('Two lines, even.')`, conv.ID))
+}
+
+// TestE2EConversationList: the home page pages through the conversations as it
+// is scrolled, keeps them in order of activity as messages arrive, and signs
+// out when the token stops working.
+func TestE2EConversationList(t *testing.T) {
+	ts := newTestServer(t)
+	carol := ts.newUser(t, "carol")
+	var convs []apiConversation
+	var names []string
+	for i := range 30 {
+		other := ts.newUser(t, fmt.Sprintf("pal%02d", i))
+		conv := other.startConversation(carol)
+		other.send(conv.ID, "Hello from "+other.User.Username)
+		convs = append(convs, conv)
+		names = append(names, other.User.Username)
+	}
+
+	b := newBrowser(t, ts, "carol", desktop)
+	b.signIn(carol.User.Username)
+	b.waitUntil("the first page is shown", `document.querySelectorAll('.conversation-item').length === 25`)
+	b.do("scroll to the end", chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, document.body.scrollHeight)`))
+	b.waitUntil("the second page is shown", `document.querySelectorAll('.conversation-item').length === 30`)
+
+	order := func() []string {
+		return eval[[]string](b, `[...document.querySelectorAll('.conversation-item .username')].map(e => e.textContent)`)
+	}
+	want := slices.Clone(names)
+	slices.Reverse(want)
+	if got := order(); !slices.Equal(got, want) {
+		t.Errorf("conversations top to bottom:\ngot  %q\nwant %q (newest activity first)", got, want)
+	}
+
+	// The oldest conversation gets a message: it moves to the top, with 2 unread.
+	ts.login(t, names[0]).send(convs[0].ID, "Back to the top")
+	b.waitUntil("the conversation moves to the top", fmt.Sprintf(`(() => {
+		const first = document.querySelector('.conversation-item');
+		return first.dataset.id === %s && first.querySelector('.preview').textContent === 'Back to the top' && first.querySelector('.badge')?.textContent === '2';
+	})()`, jsString(convs[0].ID)))
+
+	// A conversation the page has never seen arrives with its first message.
+	newcomer := ts.newUser(t, "newcomer")
+	conv := newcomer.startConversation(carol)
+	newcomer.send(conv.ID, "I am new here")
+	b.waitUntil("the new conversation shows at the top", fmt.Sprintf(`(() => {
+		const first = document.querySelector('.conversation-item');
+		return first.dataset.id === %s && first.querySelector('.preview').textContent === 'I am new here' && first.querySelector('.badge')?.textContent === '1';
+	})()`, jsString(conv.ID)))
+	if n := eval[int](b, `new Set([...document.querySelectorAll('.conversation-item')].map(e => e.dataset.id)).size`); n != 31 {
+		t.Errorf("%d different conversations shown, want 31", n)
+	}
+	if n := eval[int](b, `document.querySelectorAll('.conversation-item').length`); n != 31 {
+		t.Errorf("%d conversation items shown, want 31, each once", n)
+	}
+	b.do("scroll to the top", chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, 0)`))
+	b.screenshot("e2e-conversation-list")
+
+	// A conversation that is not hers is not found.
+	b.do("open a conversation of others", chromedp.Navigate(ts.URL+"/conversations/999999999"))
+	b.waitUntil("it is not found", `document.querySelector('h1')?.textContent === 'Conversation not found' && document.getElementById('message-form').hidden`)
+
+	// A token the server no longer accepts signs the page out.
+	b.do("spoil the token", chromedp.Evaluate[chromedp.Void](`(() => {
+		const auth = JSON.parse(localStorage.getItem('messenger.auth'));
+		auth.token = 'not-a-token';
+		localStorage.setItem('messenger.auth', JSON.stringify(auth));
+	})()`), chromedp.Reload())
+	b.waitUntil("the sign-in page shows", `location.pathname === '/login' && document.querySelector('#login-form') !== null && localStorage.getItem('messenger.auth') === null`)
+	if b := eval[bool](b, `document.getElementById('sign-out').hidden`); !b {
+		t.Error("the sign-out button shows on the sign-in page")
+	}
+}
+
+// TestE2ESignIn: GitHub's redirect signs in through /callback; a server without
+// development sign-in hides the username form; Sign out forgets the token.
+func TestE2ESignIn(t *testing.T) {
+	ts := newTestServer(t)
+	gina := ts.newUser(t, "gina")
+	var auth struct {
+		Token     string `json:"token"`
+		ExpiresAt string `json:"expiresAt"`
+	}
+	gina.mustDo("POST", "/api/refresh_token", nil, http.StatusOK, &auth)
+
+	b := newBrowser(t, ts, "gina", phone)
+	b.do("land on the OAuth callback", chromedp.Navigate(ts.URL+"/callback#token="+url.QueryEscape(auth.Token)+"&expires_at="+url.QueryEscape(auth.ExpiresAt)))
+	b.waitUntil("the home page shows, the token gone from the address", `location.pathname === '/' && location.hash === '' &&
+		document.querySelector('#new-conversation-form') !== null && JSON.parse(localStorage.getItem('messenger.auth')).token.length > 0`)
+	b.do("sign out", chromedp.Click(chromedp.CSS("#sign-out")))
+	b.waitUntil("the sign-in page shows, the token forgotten", `location.pathname === '/login' && localStorage.getItem('messenger.auth') === null`)
+	b.do("go home", chromedp.Navigate(ts.URL+"/"))
+	b.waitUntil("home sends a signed-out visitor to sign in", `location.pathname === '/login' && document.querySelector('#login-form') !== null`)
+
+	prod := newTestServer(t, "DEV_LOGIN=false", "TOKEN_KEY="+strings.Repeat("k", 40))
+	p := newBrowser(t, prod, "visitor", phone)
+	p.do("try to sign in by username",
+		chromedp.Navigate(prod.URL+"/login"),
+		chromedp.WaitVisible(chromedp.CSS("#github-sign-in")),
+		chromedp.SendKeys(chromedp.CSS("#username"), "someone"),
+		chromedp.Click(chromedp.CSS(`#login-form button[type="submit"]`)),
+		chromedp.WaitNotVisible(chromedp.CSS("#login-form")),
+		chromedp.WaitVisible(chromedp.CSS("#github-sign-in")),
+	)
+	if got := eval[string](p, `document.getElementById('github-sign-in').getAttribute('href')`); got != "/api/oauth/github" {
+		t.Errorf("GitHub link goes to %q, want /api/oauth/github", got)
+	}
+	p.screenshot("e2e-sign-in-github-only")
 }

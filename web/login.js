@@ -8,6 +8,8 @@ export function mountLogin(root, ctx) {
   const button = h('button', { type: 'submit' }, 'Sign in');
   const form = h('form', { id: 'login-form', class: 'stack', novalidate: true }, h('label', { for: 'username' }, 'Username'), input, button);
   const message = h('p', { id: 'login-message', class: 'form-error', role: 'alert' }, ctx.takeFlash());
+  const divider = h('p', { class: 'divider' }, h('span', {}, 'or'));
+  const github = h('a', { id: 'github-sign-in', class: 'button secondary', href: '/api/oauth/github' }, 'Sign in with GitHub');
 
   root.append(
     h(
@@ -16,8 +18,8 @@ export function mountLogin(root, ctx) {
       h('h1', { tabindex: '-1' }, 'Sign in to Messenger'),
       form,
       message,
-      h('p', { class: 'divider' }, h('span', {}, 'or')),
-      h('a', { id: 'github-sign-in', class: 'button secondary', href: '/api/oauth/github' }, 'Sign in with GitHub'),
+      divider,
+      github,
     ),
   );
 
@@ -37,8 +39,13 @@ export function mountLogin(root, ctx) {
     } catch (err) {
       if (isAbort(err)) return;
       if (err.status === 404) {
+        // Development sign-in is off: GitHub is the way in.
         form.hidden = true;
-        message.textContent = 'Signing in by username is turned off on this server. Sign in with GitHub instead.';
+        divider.hidden = true;
+        github.classList.remove('secondary');
+        message.className = 'form-note';
+        message.textContent = 'This server signs you in with your GitHub account.';
+        github.focus();
       } else {
         message.textContent = err.body?.errors?.username || err.message || 'Could not sign in.';
         input.focus();
