@@ -3,7 +3,7 @@ package main
 // End-to-end tests of the web client: Debian's Chromium, driven through the
 // DevTools protocol, against the real server of newTestServer. Each browser is a
 // separate Chromium process with its own fresh profile, so two browsers are two
-// people. Every test saves what it ends on in docs/screenshots/.
+// people. Every test saves what it ends on (see screenshotDirectory).
 //
 // Run them with: go test -race -run E2E ./...
 
@@ -34,8 +34,15 @@ import (
 // e2eWait is the longest a test waits for one thing to show in a browser.
 const e2eWait = 20 * time.Second
 
-// screenshotDir is where the tests save what they saw.
-const screenshotDir = "docs/screenshots"
+// screenshotDirectory is where screenshots go: $SCREENSHOT_DIR (make screenshots
+// sets docs/screenshots, which the README shows), else a folder in the system's
+// temporary directory, so that a test run leaves the work tree as it was.
+func screenshotDirectory() string {
+	if d := os.Getenv("SCREENSHOT_DIR"); d != "" {
+		return d
+	}
+	return filepath.Join(os.TempDir(), "messenger-screenshots")
+}
 
 type viewport struct {
 	width, height int64
@@ -204,7 +211,7 @@ func (b *browser) waitUntil(what, expr string) {
 		chromedp.WithPollingInterval(50*time.Millisecond), chromedp.WithPollingTimeout(e2eWait)))
 }
 
-// screenshot saves the visible page as docs/screenshots/name.png.
+// screenshot saves the visible page as name.png in screenshotDirectory.
 func (b *browser) screenshot(name string) {
 	b.t.Helper()
 	ctx, cancel := context.WithTimeout(b.ctx, e2eWait)
@@ -213,10 +220,10 @@ func (b *browser) screenshot(name string) {
 	if err != nil {
 		b.fail("screenshot", err)
 	}
-	if err := os.MkdirAll(screenshotDir, 0o755); err != nil {
+	if err := os.MkdirAll(screenshotDirectory(), 0o755); err != nil {
 		b.t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(screenshotDir, name+".png"), png, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(screenshotDirectory(), name+".png"), png, 0o644); err != nil {
 		b.t.Fatal(err)
 	}
 }

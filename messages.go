@@ -48,7 +48,8 @@ const (
 // normalizeContent trims content, turns CRLF and CR into LF, collapses each run of
 // spaces and tabs into one space, and drops blank lines. It returns a 422 apiError
 // for control characters (other than newlines and tabs), for nothing left, and for
-// more than 480 runes.
+// more than 480 runes. The web client (web/conversation.js, normalize) mirrors these
+// rules to match a send whose answer was lost with its copy from the stream.
 func normalizeContent(content string) (string, error) {
 	if !utf8.ValidString(content) {
 		return "", validationError("content", "Content must be valid UTF-8")

@@ -331,7 +331,8 @@ func TestSlowStreamIsDropped(t *testing.T) {
 		}
 	}
 	t.Logf("the silent stream was dropped after %d messages; slowest send %v", sent, slowest)
-	if slowest > 2*time.Second {
+	// A send never waits on a reader; the bound is generous, for a loaded machine.
+	if slowest > 10*time.Second {
 		t.Fatalf("a send took %v while a stream was stuck: sends must not wait on readers", slowest)
 	}
 	// The healthy stream goes on.
