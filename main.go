@@ -20,6 +20,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -210,7 +211,8 @@ type server struct {
 	logger   *slog.Logger
 	http     *http.Server
 	listener *pq.Listener
-	sendStmt *sql.Stmt     // send_message, prepared on each connection once
+	notifier *notifier
+	sends    *sendBatcher
 	done     chan struct{} // closed when the background goroutines have stopped
 	stop     context.CancelFunc
 }
@@ -238,9 +240,10 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		logger:  logger,
 		done:    make(chan struct{}),
 	}
-	if s.sendStmt, err = db.PrepareContext(ctx, `SELECT outcome, message_id, created_at, content FROM send_message($1, $2, $3, $4)`); err != nil {
+	s.notifier = newNotifier(db, m, logger)
+	if s.sends, err = newSendBatcher(ctx, db, s.notifier); err != nil {
 		db.Close()
-		return nil, fmt.Errorf("prepare send: %w", err)
+		return nil, err
 	}
 	s.hub = newHub(db, cfg.streamBuffer, m, logger)
 	s.listener = pq.NewListener(cfg.databaseURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
@@ -255,11 +258,15 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	}
 	bg, stop := context.WithCancel(context.Background())
 	s.stop = stop
+	var wg sync.WaitGroup
+	wg.Go(func() { s.hub.run(bg, s.listener.Notify, cfg.syncInterval, s.listener.Ping) })
+	wg.Go(func() { s.sends.run(bg) })
+	wg.Go(func() { s.notifier.run(bg) })
+	wg.Go(func() { s.cleanUp(bg) })
 	go func() {
-		defer close(s.done)
-		s.hub.run(bg, s.listener.Notify, cfg.syncInterval, s.listener.Ping)
+		wg.Wait()
+		close(s.done)
 	}()
-	go s.cleanUp(bg)
 
 	s.http = &http.Server{
 		Handler:           s.routes(),
@@ -295,11 +302,13 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	return nil
 }
 
-// close stops the background work and closes the database.
+// close stops the background work (the send workers finish their batches, the
+// notifier sends what is queued) and closes the database. It runs after the HTTP
+// server has shut down, so no request is left waiting on a batch.
 func (s *server) close() {
 	s.stop()
-	s.listener.Close()
 	<-s.done
+	s.listener.Close()
 	s.db.Close()
 }
 

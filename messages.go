@@ -6,8 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/lib/pq"
 	"net/http"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -118,25 +121,167 @@ const (
 	sendNotFound    sendOutcome = "not_found"
 )
 
-// sendMessage stores a message from sender in conversation, with its events, in one
-// transaction (the schema's send_message), and returns it with the outcome. key may
-// be empty.
-func (s *server) sendMessage(ctx context.Context, conversation, sender int64, content, key string) (Message, sendOutcome, error) {
-	m := Message{ConversationID: conversation, Mine: true}
-	var outcome string
-	var id sql.NullInt64
-	var at sql.NullTime
-	var stored sql.NullString
-	var keyArg sql.NullString
-	if key != "" {
-		keyArg = sql.NullString{String: key, Valid: true}
-	}
-	err := s.sendStmt.QueryRowContext(ctx, conversation, sender, content, keyArg).Scan(&outcome, &id, &at, &stored)
+// sendRequest is one message waiting for its batch.
+type sendRequest struct {
+	conversation, sender int64
+	content, key         string
+	done                 chan batchResult // buffered: the batch never waits on the handler
+}
+
+type batchResult struct {
+	msg     Message
+	outcome sendOutcome
+	err     error
+}
+
+// sendBatcher gathers concurrent sends into one transaction each (the schema's
+// send_messages): group commit, so that many sends share one commit and one round
+// trip. A send that finds a worker idle goes alone, at once; under load, each worker
+// takes whatever queued while it was busy, up to maxSendBatch. Every 201 still means
+// the message is durably committed: results are handed out only after the
+// transaction's commit was acknowledged.
+type sendBatcher struct {
+	db       *sql.DB
+	stmt     *sql.Stmt
+	notifier *notifier
+	queue    chan *sendRequest
+}
+
+const (
+	maxSendBatch = 64
+	sendWorkers  = 4
+)
+
+func newSendBatcher(ctx context.Context, db *sql.DB, nf *notifier) (*sendBatcher, error) {
+	stmt, err := db.PrepareContext(ctx, `
+		SELECT idx, outcome, message_id, created_at, content, other_id, sender_seq, other_seq
+		FROM send_messages($1, $2, $3, $4)`)
 	if err != nil {
-		return m, "", fmt.Errorf("send message: %w", err)
+		return nil, fmt.Errorf("prepare send: %w", err)
 	}
-	m.ID, m.CreatedAt, m.Content = id.Int64, at.Time, stored.String
-	return m, sendOutcome(outcome), nil
+	return &sendBatcher{db: db, stmt: stmt, notifier: nf, queue: make(chan *sendRequest, maxSendBatch*sendWorkers)}, nil
+}
+
+// run works off the queue until ctx is done. The server cancels ctx only after
+// the HTTP server has shut down, so no handler is left waiting.
+func (b *sendBatcher) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	for range sendWorkers {
+		wg.Go(func() {
+			for {
+				var batch []*sendRequest
+				select {
+				case <-ctx.Done():
+					return
+				case r := <-b.queue:
+					batch = append(batch, r)
+				}
+			more:
+				for len(batch) < maxSendBatch {
+					select {
+					case r := <-b.queue:
+						batch = append(batch, r)
+					default:
+						break more
+					}
+				}
+				b.execute(batch)
+			}
+		})
+	}
+	wg.Wait()
+	b.stmt.Close()
+}
+
+// send stores one message from sender in conversation (key may be empty) and
+// returns it with the outcome.
+func (b *sendBatcher) send(ctx context.Context, conversation, sender int64, content, key string) (Message, sendOutcome, error) {
+	r := &sendRequest{conversation: conversation, sender: sender, content: content, key: key, done: make(chan batchResult, 1)}
+	select {
+	case b.queue <- r:
+	case <-ctx.Done():
+		return Message{}, "", fmt.Errorf("queue send: %w", ctx.Err())
+	}
+	// Once queued, the send goes through even if the client leaves; the answer
+	// comes soon either way, bounded by execute's timeout.
+	res := <-r.done
+	return res.msg, res.outcome, res.err
+}
+
+// execute runs one batch and answers each of its requests. If the batch fails as a
+// whole for a reason other than the database being unreachable, each message is
+// retried alone, so that one bad message cannot fail the others.
+func (b *sendBatcher) execute(batch []*sendRequest) {
+	results, err := b.store(batch)
+	if err != nil && len(batch) > 1 && !isUnavailable(err) {
+		for _, r := range batch {
+			b.execute([]*sendRequest{r})
+		}
+		return
+	}
+	for i, r := range batch {
+		if err != nil {
+			r.done <- batchResult{err: err}
+		} else {
+			r.done <- results[i]
+		}
+	}
+}
+
+// store runs send_messages for batch and, once it has committed, queues the
+// notifications of the messages it created.
+func (b *sendBatcher) store(batch []*sendRequest) ([]batchResult, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	n := len(batch)
+	convs, senders := make([]int64, n), make([]int64, n)
+	contents, keys := make([]string, n), make([]string, n)
+	for i, r := range batch {
+		convs[i], senders[i], contents[i], keys[i] = r.conversation, r.sender, r.content, r.key
+	}
+	rows, err := b.stmt.QueryContext(ctx, pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys))
+	if err != nil {
+		return nil, fmt.Errorf("send messages: %w", err)
+	}
+	defer rows.Close()
+	results := make([]batchResult, n)
+	var notes []notification
+	for rows.Next() {
+		var idx int
+		var outcome string
+		var id, other, senderSeq, otherSeq sql.NullInt64
+		var at sql.NullTime
+		var content sql.NullString
+		if err := rows.Scan(&idx, &outcome, &id, &at, &content, &other, &senderSeq, &otherSeq); err != nil {
+			return nil, fmt.Errorf("scan sent message: %w", err)
+		}
+		if idx < 1 || idx > n {
+			return nil, fmt.Errorf("send messages: result for message %d of %d", idx, n)
+		}
+		r := batch[idx-1]
+		m := Message{ID: id.Int64, Content: content.String, ConversationID: r.conversation, CreatedAt: at.Time, Mine: true}
+		results[idx-1] = batchResult{msg: m, outcome: sendOutcome(outcome)}
+		if outcome == string(sendCreated) {
+			notes = append(notes, notification{
+				Kind: "message", To: [][2]int64{{r.sender, senderSeq.Int64}, {other.Int64, otherSeq.Int64}},
+				Sender: r.sender, ID: m.ID, ConversationID: m.ConversationID, Content: m.Content,
+				CreatedAt: m.CreatedAt.UnixMicro(),
+			})
+		}
+	}
+	// Only now, with every row read and no error, has the commit been acknowledged.
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("send messages: %w", err)
+	}
+	for i, res := range results {
+		if res.outcome == "" {
+			return nil, fmt.Errorf("send messages: no result for message %d", i+1)
+		}
+	}
+	for _, note := range notes {
+		b.notifier.enqueue(note)
+	}
+	return results, nil
 }
 
 // handleCreateMessage serves POST /api/conversations/:id/messages. A retry with the
@@ -171,7 +316,7 @@ func (s *server) handleCreateMessage() http.HandlerFunc {
 			s.respondError(w, r, err)
 			return
 		}
-		m, outcome, err := s.sendMessage(r.Context(), id, me, content, key)
+		m, outcome, err := s.sends.send(r.Context(), id, me, content, key)
 		switch {
 		case err != nil:
 			s.respondError(w, r, err)
@@ -262,7 +407,10 @@ func (s *server) handleReadMessages() http.HandlerFunc {
 			return
 		}
 		var outcome string
-		err = s.db.QueryRowContext(r.Context(), `SELECT read_messages($1, $2)`, id, sessionFrom(r.Context()).userID).Scan(&outcome)
+		var other, seq sql.NullInt64
+		var data []byte
+		err = s.db.QueryRowContext(r.Context(), `SELECT outcome, other_id, seq, data FROM read_messages($1, $2)`,
+			id, sessionFrom(r.Context()).userID).Scan(&outcome, &other, &seq, &data)
 		if err != nil {
 			s.respondError(w, r, fmt.Errorf("read messages: %w", err))
 			return
@@ -270,6 +418,9 @@ func (s *server) handleReadMessages() http.HandlerFunc {
 		if outcome == "not_found" {
 			s.respondError(w, r, errNotFound)
 			return
+		}
+		if outcome == "read" {
+			s.notifier.enqueue(notification{Kind: "read", To: [][2]int64{{other.Int64, seq.Int64}}, Data: data})
 		}
 		w.WriteHeader(http.StatusNoContent)
 	}
@@ -294,10 +445,11 @@ func (s *server) handleTyping() http.HandlerFunc {
 			s.respondError(w, r, err)
 			return
 		}
-		if err := notifyTyping(r.Context(), s.db, other.ID, id, me); err != nil {
-			s.respondError(w, r, err)
-			return
-		}
+		data, _ := json.Marshal(map[string]string{
+			"conversationId": strconv.FormatInt(id, 10),
+			"userId":         strconv.FormatInt(me, 10),
+		})
+		s.notifier.enqueue(notification{Kind: "typing", To: [][2]int64{{other.ID, 0}}, Data: data})
 		w.WriteHeader(http.StatusNoContent)
 	}
 }

@@ -21,6 +21,7 @@ type metrics struct {
 	eventsDelivered    prometheus.Counter
 	streamsDroppedSlow prometheus.Counter
 	listenerReconnects prometheus.Counter
+	notifyFailures     prometheus.Counter
 }
 
 func newMetrics(db *sql.DB) *metrics {
@@ -45,8 +46,11 @@ func newMetrics(db *sql.DB) *metrics {
 		listenerReconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "messenger_listener_reconnects_total", Help: "Times the LISTEN connection was re-established.",
 		}),
+		notifyFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_notify_failures_total", Help: "NOTIFY round trips that failed (their events reach streams at the next sync).",
+		}),
 	}
-	m.registry.MustRegister(m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
+	m.registry.MustRegister(m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
 		m.streamsDroppedSlow, m.listenerReconnects,
 		collectors.NewDBStatsCollector(db, "messenger"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -96,97 +96,114 @@ CREATE TABLE IF NOT EXISTS settings (
     value  TEXT NOT NULL
 );
 
--- send_message stores a message and one event for each participant, and notifies
--- every server instance, in one round trip. outcome is 'created', 'replayed' (the
--- idempotency key was used before, for the same conversation and content),
--- 'key_conflict' (used before for something else) or 'not_found' (no such
--- conversation, or the sender is not in it). The benchmark's pgbench script calls
--- exactly this function, so it measures the server's own send transaction.
-CREATE OR REPLACE FUNCTION send_message(
-    p_conversation_id BIGINT, p_sender_id BIGINT, p_content TEXT, p_key TEXT DEFAULT NULL)
-RETURNS TABLE (outcome TEXT, message_id BIGINT, created_at TIMESTAMPTZ, content TEXT)
+-- send_messages stores a batch of messages, each with one event for each participant,
+-- in one transaction: the server gathers concurrent sends into one call (a batch of
+-- one when it is idle), and the benchmark's pgbench script calls it with one message,
+-- the very transaction of a lone send. Element i of the arrays is one message; key ''
+-- means none. For each it returns a row: outcome is 'created', 'replayed' (the
+-- idempotency key was used before, for the same conversation and content: the first
+-- message is returned), 'key_conflict' (used before for something else) or
+-- 'not_found' (no such conversation, or the sender is not in it). Created rows carry
+-- the other participant and both events' sequence numbers, for the notification the
+-- server sends after the commit.
+--
+-- Lock order inside: idempotency keys by (user, key), then every users row involved
+-- by id, and only then anything else.
+DROP FUNCTION IF EXISTS send_message(BIGINT, BIGINT, TEXT, TEXT);
+CREATE OR REPLACE FUNCTION send_messages(
+    p_conversations BIGINT[], p_senders BIGINT[], p_contents TEXT[], p_keys TEXT[])
+RETURNS TABLE (idx INT, outcome TEXT, message_id BIGINT, created_at TIMESTAMPTZ, content TEXT,
+               other_id BIGINT, sender_seq BIGINT, other_seq BIGINT)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    v_other      BIGINT;
-    v_id         BIGINT;
-    v_at         TIMESTAMPTZ;
-    v_sender_seq BIGINT;
-    v_other_seq  BIGINT;
-    v_prev       idempotency_keys%ROWTYPE;
+    n        INT := coalesce(array_length(p_conversations, 1), 0);
+    v_others BIGINT[];
+    v_dup    BOOLEAN[] := array_fill(false, ARRAY[n]);
+    v_prev   idempotency_keys%ROWTYPE;
+    i        INT;
+    v_id     BIGINT;
+    v_at     TIMESTAMPTZ;
+    v_s      BIGINT;
+    v_o      BIGINT;
 BEGIN
-    SELECT CASE p_sender_id WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END
-      INTO v_other
-      FROM conversations c WHERE c.id = p_conversation_id;
-    IF v_other IS NULL THEN
-        RETURN QUERY SELECT 'not_found'::text, NULL::bigint, NULL::timestamptz, NULL::text;
+    IF n = 0 THEN
         RETURN;
     END IF;
+    -- The other participant of each message's conversation; NULL: not found.
+    SELECT array_agg(CASE t.s WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END ORDER BY t.ord)
+      INTO v_others
+      FROM unnest(p_conversations, p_senders) WITH ORDINALITY AS t(conv, s, ord)
+      LEFT JOIN conversations c ON c.id = t.conv;
 
-    IF p_key IS NOT NULL THEN
-        -- A concurrent request with the same key waits here until the first commits.
-        INSERT INTO idempotency_keys (user_id, key, conversation_id, content)
-        VALUES (p_sender_id, p_key, p_conversation_id, p_content)
+    -- Claim the idempotency keys. A concurrent send with the same key waits here
+    -- until the first commits, then finds its row.
+    FOR i IN SELECT t.ord FROM unnest(p_senders, p_keys) WITH ORDINALITY AS t(s, k, ord)
+              WHERE t.k <> '' ORDER BY t.s, t.k, t.ord LOOP
+        CONTINUE WHEN v_others[i] IS NULL;
+        INSERT INTO idempotency_keys AS k (user_id, key, conversation_id, content)
+        VALUES (p_senders[i], p_keys[i], p_conversations[i], p_contents[i])
         ON CONFLICT DO NOTHING;
-        IF NOT FOUND THEN
-            SELECT * INTO v_prev FROM idempotency_keys k
-             WHERE k.user_id = p_sender_id AND k.key = p_key;
-            IF v_prev.conversation_id <> p_conversation_id OR v_prev.content <> p_content THEN
-                RETURN QUERY SELECT 'key_conflict'::text, NULL::bigint, NULL::timestamptz, NULL::text;
+        v_dup[i] := NOT FOUND;
+    END LOOP;
+
+    -- Lock every users row whose sequence this batch may bump, in id order.
+    PERFORM 1 FROM users u
+      WHERE u.id IN (SELECT unnest(p_senders) UNION SELECT unnest(v_others))
+      ORDER BY u.id FOR NO KEY UPDATE;
+
+    FOR i IN 1..n LOOP
+        IF v_others[i] IS NULL THEN
+            RETURN QUERY SELECT i, 'not_found'::text, NULL::bigint, NULL::timestamptz, NULL::text,
+                                NULL::bigint, NULL::bigint, NULL::bigint;
+            CONTINUE;
+        END IF;
+        IF v_dup[i] THEN
+            SELECT * INTO v_prev FROM idempotency_keys k WHERE k.user_id = p_senders[i] AND k.key = p_keys[i];
+            IF v_prev.message_id IS NULL OR v_prev.conversation_id <> p_conversations[i]
+               OR v_prev.content <> p_contents[i] THEN
+                RETURN QUERY SELECT i, 'key_conflict'::text, NULL::bigint, NULL::timestamptz, NULL::text,
+                                    NULL::bigint, NULL::bigint, NULL::bigint;
             ELSE
-                RETURN QUERY SELECT 'replayed'::text, m.id, m.created_at, m.content
+                RETURN QUERY SELECT i, 'replayed'::text, m.id, m.created_at, m.content,
+                                    NULL::bigint, NULL::bigint, NULL::bigint
                                FROM messages m WHERE m.id = v_prev.message_id;
             END IF;
-            RETURN;
+            CONTINUE;
         END IF;
-    END IF;
 
-    -- Lock order: lower user id first.
-    IF p_sender_id < v_other THEN
-        UPDATE users SET event_seq = event_seq + 1 WHERE id = p_sender_id RETURNING event_seq INTO v_sender_seq;
-        UPDATE users SET event_seq = event_seq + 1 WHERE id = v_other RETURNING event_seq INTO v_other_seq;
-    ELSE
-        UPDATE users SET event_seq = event_seq + 1 WHERE id = v_other RETURNING event_seq INTO v_other_seq;
-        UPDATE users SET event_seq = event_seq + 1 WHERE id = p_sender_id RETURNING event_seq INTO v_sender_seq;
-    END IF;
-
-    -- The id and time are taken under the locks, so within a conversation they rise
-    -- in commit order.
-    v_at := clock_timestamp();
-    INSERT INTO messages (conversation_id, user_id, content, created_at)
-    VALUES (p_conversation_id, p_sender_id, p_content, v_at)
-    RETURNING id INTO v_id;
-    IF p_key IS NOT NULL THEN
-        UPDATE idempotency_keys k SET message_id = v_id WHERE k.user_id = p_sender_id AND k.key = p_key;
-    END IF;
-
-    UPDATE participants p
-       SET last_activity_at = v_at,
-           last_message_id = v_id,
-           unread_count = p.unread_count + (p.user_id = v_other)::int
-     WHERE p.user_id IN (p_sender_id, v_other) AND p.conversation_id = p_conversation_id;
-
-    INSERT INTO events (user_id, seq, kind, message_id)
-    VALUES (p_sender_id, v_sender_seq, 'message', v_id), (v_other, v_other_seq, 'message', v_id);
-
-    PERFORM pg_notify('messenger_events', json_build_object(
-        'kind', 'message',
-        'to', json_build_array(json_build_array(p_sender_id, v_sender_seq), json_build_array(v_other, v_other_seq)),
-        'sender', p_sender_id,
-        'id', v_id,
-        'conversationId', p_conversation_id,
-        'content', p_content,
-        'createdAt', (extract(epoch FROM v_at) * 1000000)::bigint)::text);
-
-    RETURN QUERY SELECT 'created'::text, v_id, v_at, p_content;
+        UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id = p_senders[i] RETURNING u.event_seq INTO v_s;
+        UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id = v_others[i] RETURNING u.event_seq INTO v_o;
+        -- The id and time are taken under the locks, so within a conversation they
+        -- rise in commit order.
+        v_at := clock_timestamp();
+        INSERT INTO messages AS m (conversation_id, user_id, content, created_at)
+        VALUES (p_conversations[i], p_senders[i], p_contents[i], v_at)
+        RETURNING m.id INTO v_id;
+        IF p_keys[i] <> '' THEN
+            UPDATE idempotency_keys k SET message_id = v_id WHERE k.user_id = p_senders[i] AND k.key = p_keys[i];
+        END IF;
+        UPDATE participants p
+           SET last_activity_at = v_at,
+               last_message_id = v_id,
+               unread_count = p.unread_count + (p.user_id = v_others[i])::int
+         WHERE p.user_id IN (p_senders[i], v_others[i]) AND p.conversation_id = p_conversations[i];
+        INSERT INTO events (user_id, seq, kind, message_id)
+        VALUES (p_senders[i], v_s, 'message', v_id), (v_others[i], v_o, 'message', v_id);
+        RETURN QUERY SELECT i, 'created'::text, v_id, v_at, p_contents[i], v_others[i], v_s, v_o;
+    END LOOP;
 END;
 $$;
 
 -- read_messages marks a conversation read up to its last message for p_reader and,
--- when there was something unread, logs and notifies a read event for the other
--- participant. outcome is 'read', 'unchanged' or 'not_found'.
+-- when there was something unread, logs a read event for the other participant.
+-- outcome is 'read' (with the event's recipient, sequence number and data, for the
+-- notification the server sends after the commit), 'unchanged' or 'not_found'.
+DROP FUNCTION IF EXISTS read_messages(BIGINT, BIGINT);
 CREATE OR REPLACE FUNCTION read_messages(p_conversation_id BIGINT, p_reader_id BIGINT)
-RETURNS TEXT
+RETURNS TABLE (outcome TEXT, other_id BIGINT, seq BIGINT, data JSONB)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     v_other  BIGINT;
     v_unread INT;
@@ -198,16 +215,18 @@ BEGIN
       INTO v_other
       FROM conversations c WHERE c.id = p_conversation_id;
     IF v_other IS NULL THEN
-        RETURN 'not_found';
+        RETURN QUERY SELECT 'not_found'::text, NULL::bigint, NULL::bigint, NULL::jsonb;
+        RETURN;
     END IF;
     SELECT p.unread_count INTO v_unread FROM participants p
      WHERE p.user_id = p_reader_id AND p.conversation_id = p_conversation_id;
     IF v_unread = 0 THEN
-        RETURN 'unchanged';
+        RETURN QUERY SELECT 'unchanged'::text, NULL::bigint, NULL::bigint, NULL::jsonb;
+        RETURN;
     END IF;
 
     -- Lock order: the only users row this takes is the other participant's.
-    UPDATE users SET event_seq = event_seq + 1 WHERE id = v_other RETURNING event_seq INTO v_seq;
+    UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id = v_other RETURNING u.event_seq INTO v_seq;
     v_at := clock_timestamp();
     UPDATE participants p
        SET unread_count = 0, last_read_message_id = coalesce(p.last_message_id, 0), messages_read_at = v_at
@@ -217,10 +236,6 @@ BEGIN
         'userId', p_reader_id::text,
         'readAt', to_char(v_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
     INSERT INTO events (user_id, seq, kind, payload) VALUES (v_other, v_seq, 'read', v_data);
-    PERFORM pg_notify('messenger_events', json_build_object(
-        'kind', 'read',
-        'to', json_build_array(json_build_array(v_other, v_seq)),
-        'data', v_data)::text);
-    RETURN 'read';
+    RETURN QUERY SELECT 'read'::text, v_other, v_seq, v_data;
 END;
 $$;

@@ -33,8 +33,8 @@ import (
 // notifyChannel is the PostgreSQL channel every instance listens on.
 const notifyChannel = "messenger_events"
 
-// notification is the payload of a NOTIFY on notifyChannel, as send_message,
-// read_messages and notifyTyping write it.
+// notification is one event announced on notifyChannel; a NOTIFY payload is a JSON
+// array of them (see notifier).
 type notification struct {
 	Kind string     `json:"kind"` // "message", "read" or "typing"
 	To   [][2]int64 `json:"to"`   // [user id, seq]: who gets it, and its place in their log (0: fleeting)
@@ -189,14 +189,20 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 	}
 }
 
-// dispatch decodes one notification and publishes it to the local streams of each
+// dispatch decodes a NOTIFY payload (an array of notifications) and publishes each to the local streams of each
 // user it is for, encoding each user's frame once.
 func (h *Hub) dispatch(payload string) {
-	var n notification
-	if err := json.Unmarshal([]byte(payload), &n); err != nil {
+	var notes []notification
+	if err := json.Unmarshal([]byte(payload), &notes); err != nil {
 		h.logger.Error("decode notification", "err", err)
 		return
 	}
+	for _, n := range notes {
+		h.dispatchOne(n)
+	}
+}
+
+func (h *Hub) dispatchOne(n notification) {
 	for _, to := range n.To {
 		user, seq := to[0], to[1]
 		if !h.hasStreams(user) {
@@ -292,20 +298,6 @@ func compactJSON(b []byte) []byte {
 		return b
 	}
 	return buf.Bytes()
-}
-
-// notifyTyping tells user's streams, on every instance, that from is typing in
-// conversation.
-func notifyTyping(ctx context.Context, db *sql.DB, user, conversation, from int64) error {
-	data, _ := json.Marshal(map[string]string{
-		"conversationId": strconv.FormatInt(conversation, 10),
-		"userId":         strconv.FormatInt(from, 10),
-	})
-	payload, _ := json.Marshal(notification{Kind: "typing", To: [][2]int64{{user, 0}}, Data: data})
-	if _, err := db.ExecContext(ctx, `SELECT pg_notify($1, $2)`, notifyChannel, string(payload)); err != nil {
-		return fmt.Errorf("notify typing: %w", err)
-	}
-	return nil
 }
 
 // logPage is how many events one read of the log returns.

@@ -161,7 +161,7 @@ func TestStreamOrderUnderConcurrentCommits(t *testing.T) {
 	defer tx.Rollback()
 	var heldID int64
 	var outcome string
-	if err := tx.QueryRowContext(ctx, `SELECT outcome, message_id FROM send_message($1, $2, 'held', NULL)`,
+	if err := tx.QueryRowContext(ctx, `SELECT outcome, message_id FROM send_messages(ARRAY[$1::bigint], ARRAY[$2::bigint], ARRAY['held'], ARRAY[''])`,
 		convA.ID, alice.User.ID).Scan(&outcome, &heldID); err != nil || outcome != "created" {
 		t.Fatalf("held send: %v %s", err, outcome)
 	}
