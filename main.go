@@ -299,6 +299,18 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	if err := s.http.Shutdown(shutdownCtx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
+	// Streams run outside the HTTP server (see handleStream); Shutdown has ended
+	// them through closeAll, and they finish their last write here.
+	streamsDone := make(chan struct{})
+	go func() {
+		s.hub.running.Wait()
+		close(streamsDone)
+	}()
+	select {
+	case <-streamsDone:
+	case <-shutdownCtx.Done():
+		return errors.New("shutdown: streams did not end in time")
+	}
 	return nil
 }
 

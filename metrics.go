@@ -31,7 +31,7 @@ func newMetrics(db *sql.DB) *metrics {
 			Name: "messenger_http_requests_total", Help: "HTTP requests by route, method and status.",
 		}, []string{"route", "method", "status"}),
 		requestDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "messenger_http_request_duration_seconds", Help: "HTTP request duration by route (streams: their lifetime).",
+			Name: "messenger_http_request_duration_seconds", Help: "HTTP request duration by route (streams: until the stream starts).",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 10, 60, 600},
 		}, []string{"route"}),
 		streamsOpen: prometheus.NewGauge(prometheus.GaugeOpts{

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"mime"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -65,6 +66,7 @@ type Hub struct {
 	buffer  int // capacity of each stream's queue
 	metrics *metrics
 	logger  *slog.Logger
+	running sync.WaitGroup // stream goroutines (see handleStream)
 
 	mu      sync.RWMutex               // guards streams and closed
 	streams map[int64]map[*stream]bool // user id → that user's open streams
@@ -372,6 +374,12 @@ func lastEventID(r *http.Request) (id int64, ok bool, err error) {
 
 // handleStream serves GET /api/messages: the caller's events as Server-Sent Events,
 // live, after replaying whatever came after Last-Event-ID.
+//
+// Once the request is checked, the handler takes the connection over (Hijack) and
+// hands it to a goroutine of the stream's own, then returns: net/http would
+// otherwise keep about 10 KB of buffers and a second goroutine alive for the whole
+// life of every stream. The response is close-delimited (Connection: close, no
+// chunking), which every HTTP/1.1 client and proxy reads.
 func (s *server) handleStream() http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if !acceptsEventStream(r) {
@@ -389,10 +397,15 @@ func (s *server) handleStream() http.HandlerFunc {
 			s.respondError(w, r, &apiError{status: http.StatusServiceUnavailable, msg: "server is shutting down", retryAfter: time.Second})
 			return
 		}
-		defer s.hub.unregister(st)
+		handedOff := false
+		defer func() {
+			if !handedOff {
+				s.hub.unregister(st)
+			}
+		}()
 
 		// The stream is registered before the log's end is read, so every event
-		// after that point is either in the log read below or in st.events.
+		// after that point is either in the log or in st.events.
 		var head int64
 		err = s.db.QueryRowContext(r.Context(), `SELECT event_seq FROM users WHERE id = $1`, sess.userID).Scan(&head)
 		if errors.Is(err, sql.ErrNoRows) {
@@ -407,138 +420,198 @@ func (s *server) handleStream() http.HandlerFunc {
 			last = resumeFrom
 		}
 
-		out := &streamWriter{w: w, rc: http.NewResponseController(w), timeout: s.cfg.writeTimeout}
-		// The connection may serve another request after this stream: clear the
-		// last write deadline when leaving.
-		defer out.rc.SetWriteDeadline(time.Time{})
 		h := w.Header()
 		h.Set("Content-Type", "text/event-stream")
 		h.Set("Cache-Control", "no-cache")
-		h.Set("Connection", "keep-alive")
 		h.Set("X-Accel-Buffering", "no")
-		w.WriteHeader(http.StatusOK)
-		out.write([]byte(": connected\nretry: 2000\n\n"))
+		h.Set("Connection", "close")
+		hello := []byte("HTTP/1.1 200 OK\r\n")
+		var hb bytes.Buffer
+		h.Write(&hb)
+		hello = append(hello, hb.Bytes()...)
+		hello = append(hello, "\r\n: connected\nretry: 2000\n\n"...)
 		if last == head {
 			// Tell the client where it stands, so that a reconnect resumes here even
 			// if no event comes first. A frame with an id and no data sets the
 			// EventSource's last event id without dispatching anything.
-			out.write([]byte("id: " + strconv.FormatInt(head, 10) + "\n\n"))
+			hello = append(hello, "id: "+strconv.FormatInt(head, 10)+"\n\n"...)
 		}
-		if err := out.flush(); err != nil {
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			s.respondError(w, r, fmt.Errorf("stream: hijack: %w", err))
 			return
 		}
-
-		catchUp := func(upTo int64) error {
-			for upTo == 0 || last < upTo {
-				evs, err := readLog(r.Context(), s.db, sess.userID, last, upTo)
-				if err != nil {
-					return err
-				}
-				for _, ev := range evs {
-					out.write(ev.frame)
-					last = ev.seq
-				}
-				s.metrics.eventsDelivered.Add(float64(len(evs)))
-				if len(evs) < logPage {
-					return out.flush()
-				}
-			}
-			return out.flush()
+		handedOff = true
+		sc := &streamConn{
+			srv: s, st: st, conn: conn, last: last, expires: sess.expires,
+			out: streamWriter{conn: conn, timeout: s.cfg.writeTimeout, buf: hello},
 		}
-		if last < head {
-			if err := catchUp(0); err != nil {
-				s.logStreamEnd(r, err)
-				return
-			}
-		}
+		s.hub.running.Add(1)
+		go sc.serve(last < head)
+	}
+}
 
-		keepAlive := time.NewTicker(s.cfg.keepAlive)
-		defer keepAlive.Stop()
-		expiry := time.NewTimer(time.Until(sess.expires))
-		defer expiry.Stop()
+// streamConn is one event stream after the handler handed it off.
+type streamConn struct {
+	srv     *server
+	st      *stream
+	conn    net.Conn
+	out     streamWriter
+	last    int64 // sequence number of the last event written
+	expires time.Time
+}
+
+// serve writes the stream until the client leaves, the hub ends it, its token
+// expires or a write fails; replay says the log holds events the client missed.
+func (sc *streamConn) serve(replay bool) {
+	s, st := sc.srv, sc.st
+	start := time.Now()
+	reason := "client left"
+	defer func() {
+		sc.conn.Close()
+		s.hub.unregister(st)
+		s.hub.running.Done()
+		s.logger.Info("stream closed", "user", st.userID, "last", sc.last, "reason", reason,
+			"duration", time.Since(start).Round(time.Millisecond))
+	}()
+	// The client sends nothing after its request; a read returns when it leaves.
+	gone := make(chan struct{})
+	go func() {
+		var b [1]byte
 		for {
-			select {
-			case <-r.Context().Done():
+			if _, err := sc.conn.Read(b[:]); err != nil {
+				close(gone)
 				return
-			case <-st.done:
-				if st.slow.Load() {
-					s.logger.Info("stream dropped: too slow", "user", sess.userID, "last", last)
-				}
-				return
-			case <-expiry.C:
-				out.write([]byte(": token expired\n\n"))
-				out.flush()
-				return
-			case <-keepAlive.C:
-				out.write([]byte(": keep-alive\n\n"))
-			case ev := <-st.events:
-				// Take everything queued, then flush once.
-				for {
-					switch {
-					case ev.syncTo > 0:
-						if ev.syncTo > last {
-							err = catchUp(ev.syncTo)
-						}
-					case ev.seq == 0:
-						out.write(ev.frame)
-					case ev.seq <= last:
-						// Already written, from the log or an earlier notification.
-					default:
-						if ev.seq > last+1 {
-							err = catchUp(ev.seq - 1)
-						}
-						if err == nil {
-							out.write(ev.frame)
-							last = ev.seq
-							s.metrics.eventsDelivered.Inc()
-						}
-					}
-					if err != nil || len(st.events) == 0 {
-						break
-					}
-					ev = <-st.events
-				}
-				if err != nil {
-					s.logStreamEnd(r, err)
+			}
+		}
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	if err := sc.out.flush(); err != nil {
+		reason = "write failed"
+		return
+	}
+	if replay {
+		if err := sc.catchUp(ctx, 0); err != nil {
+			reason = err.Error()
+			return
+		}
+	}
+	keepAlive := time.NewTicker(s.cfg.keepAlive)
+	defer keepAlive.Stop()
+	expiry := time.NewTimer(time.Until(sc.expires))
+	defer expiry.Stop()
+	for {
+		select {
+		case <-gone:
+			return
+		case <-st.done:
+			reason = "ended by the server"
+			if st.slow.Load() {
+				reason = "too slow"
+			}
+			return
+		case <-expiry.C:
+			reason = "token expired"
+			sc.out.write([]byte(": token expired\n\n"))
+			sc.out.flush()
+			return
+		case <-keepAlive.C:
+			sc.out.write([]byte(": keep-alive\n\n"))
+		case ev := <-st.events:
+			// Take everything queued, then write once.
+			for {
+				if err := sc.handle(ctx, ev); err != nil {
+					reason = err.Error()
 					return
 				}
+				if len(st.events) == 0 {
+					break
+				}
+				ev = <-st.events
 			}
-			if err := out.flush(); err != nil {
-				return
-			}
+		}
+		if err := sc.out.flush(); err != nil {
+			reason = "write failed"
+			return
 		}
 	}
 }
 
-func (s *server) logStreamEnd(r *http.Request, err error) {
-	if r.Context().Err() == nil {
-		s.logger.Warn("stream ended", "user", sessionFrom(r.Context()).userID, "err", err)
+// handle writes one queued event, in sequence: it skips what was written already
+// and reads any gap before it from the log.
+func (sc *streamConn) handle(ctx context.Context, ev *event) error {
+	switch {
+	case ev.syncTo > 0:
+		if ev.syncTo > sc.last {
+			return sc.catchUp(ctx, ev.syncTo)
+		}
+	case ev.seq == 0:
+		sc.out.write(ev.frame)
+	case ev.seq <= sc.last:
+		// Already written, from the log or an earlier notification.
+	default:
+		if ev.seq > sc.last+1 {
+			if err := sc.catchUp(ctx, ev.seq-1); err != nil {
+				return err
+			}
+		}
+		sc.out.write(ev.frame)
+		sc.last = ev.seq
+		sc.srv.metrics.eventsDelivered.Inc()
 	}
+	return nil
 }
 
-// streamWriter writes frames to an event stream, each flush with its own deadline,
-// so that a client that stops reading is cut off without a server-wide
-// WriteTimeout. The first error sticks.
+// catchUp writes the user's events from the log after the last one written, up to
+// upTo (0: to the end).
+func (sc *streamConn) catchUp(ctx context.Context, upTo int64) error {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	for upTo == 0 || sc.last < upTo {
+		evs, err := readLog(ctx, sc.srv.db, sc.st.userID, sc.last, upTo)
+		if err != nil {
+			return err
+		}
+		for _, ev := range evs {
+			sc.out.write(ev.frame)
+			sc.last = ev.seq
+		}
+		sc.srv.metrics.eventsDelivered.Add(float64(len(evs)))
+		if err := sc.out.flush(); err != nil {
+			return err
+		}
+		if len(evs) < logPage {
+			break
+		}
+	}
+	return nil
+}
+
+// streamWriter buffers frames and writes them to the connection on flush, each
+// write with its own deadline, so that a client that stops reading is cut off
+// without a server-wide WriteTimeout. The first error sticks.
 type streamWriter struct {
-	w       http.ResponseWriter
-	rc      *http.ResponseController
+	conn    net.Conn
 	timeout time.Duration
+	buf     []byte
 	err     error
 }
 
 func (sw *streamWriter) write(b []byte) {
-	if sw.err != nil {
-		return
+	if sw.err == nil {
+		sw.buf = append(sw.buf, b...)
 	}
-	sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout))
-	_, sw.err = sw.w.Write(b)
 }
 
 func (sw *streamWriter) flush() error {
-	if sw.err != nil {
+	if sw.err != nil || len(sw.buf) == 0 {
 		return sw.err
 	}
-	sw.rc.SetWriteDeadline(time.Now().Add(sw.timeout))
-	sw.err = sw.rc.Flush()
+	sw.conn.SetWriteDeadline(time.Now().Add(sw.timeout))
+	_, sw.err = sw.conn.Write(sw.buf)
+	// An idle stream keeps no buffer.
+	sw.buf = nil
 	return sw.err
 }
