@@ -112,7 +112,6 @@ func (s *server) authenticate(h http.HandlerFunc) http.HandlerFunc {
 			userID, exp, err = s.tokens.parse(token, time.Now())
 		}
 		if err != nil {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="messenger"`)
 			s.respondError(w, r, err)
 			return
 		}

@@ -78,10 +78,16 @@ func withTimeout(d time.Duration, h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// isAPI reports whether path is under /api/ as the router sees it (it ignores
+// extra leading slashes).
+func isAPI(path string) bool {
+	return strings.HasPrefix(strings.TrimLeft(path, "/"), "api/")
+}
+
 // handleNotFound answers paths no route matched: JSON 404 under /api/, the web
 // client everywhere else (so client-side routes survive a reload).
 func (s *server) handleNotFound(w http.ResponseWriter, r *http.Request) {
-	if r.URL.Path == "/api" || strings.HasPrefix(r.URL.Path, "/api/") {
+	if isAPI(r.URL.Path) || strings.TrimLeft(r.URL.Path, "/") == "api" {
 		s.respondError(w, r, errNotFound)
 		return
 	}
@@ -327,7 +333,7 @@ func (s *server) securityHeaders(h http.Handler) http.Handler {
 		hdr := w.Header()
 		hdr.Set("X-Content-Type-Options", "nosniff")
 		hdr.Set("Referrer-Policy", "no-referrer")
-		if strings.HasPrefix(r.URL.Path, "/api/") {
+		if isAPI(r.URL.Path) {
 			hdr.Set("Cache-Control", "no-store")
 		} else {
 			hdr.Set("Content-Security-Policy", contentSecurityPolicy)
@@ -345,7 +351,7 @@ func (s *server) cors(h http.Handler) http.Handler {
 	allowed := s.cfg.origin.Scheme + "://" + s.cfg.origin.Host
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		origin := r.Header.Get("Origin")
-		if origin == "" || !strings.HasPrefix(r.URL.Path, "/api/") {
+		if origin == "" || !isAPI(r.URL.Path) {
 			h.ServeHTTP(w, r)
 			return
 		}
