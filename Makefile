@@ -12,6 +12,10 @@ run:
 test: vet
 	@url=$$(scripts/db.sh) && DATABASE_URL="$$url" $(GO) test -race -count=1 -timeout 20m ./...
 
+## bench: sends and deliveries against the database's own limit (pgbench); writes bench/out/results.md
+bench:
+	@bash bench/run.sh
+
 ## build: the binary ./messenger
 build:
 	$(GO) build -o messenger .

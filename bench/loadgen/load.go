@@ -1,0 +1,447 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// loadResult is what runLoad measured; report reads it from load.json.
+type loadResult struct {
+	Users      int        `json:"users"`
+	Background cpuSplit   `json:"background"` // the machine at rest, just before the sends
+	Send       phaseStats `json:"send"`       // as fast as the senders go
+	Idle       idleStats  `json:"idle"`
+	Rate       phaseStats `json:"rate"` // at a fixed rate, with the idle streams open
+	Reconnects int        `json:"reconnects"`
+	Failures   int        `json:"streamFailures"` // streams that could not stay open
+	Duplicates int        `json:"duplicates"`     // message events read twice on one stream
+}
+
+// phaseStats describes one phase of sends and their deliveries. Times are in
+// milliseconds.
+type phaseStats struct {
+	Streams      int      `json:"streams"` // open while it ran
+	Senders      int      `json:"senders"`
+	TargetRate   float64  `json:"targetRate"` // sends a second asked for; 0: as fast as possible
+	Attempted    int      `json:"attempted"`
+	Created      int      `json:"created"` // answered 201
+	Failed       int      `json:"failed"`  // any other answer, or none
+	Seconds      float64  `json:"seconds"` // first send to last answer
+	PerSecond    float64  `json:"perSecond"`
+	SendP50      float64  `json:"sendP50"`
+	SendP99      float64  `json:"sendP99"`
+	DeliveryP50  float64  `json:"deliveryP50"`
+	DeliveryP99  float64  `json:"deliveryP99"`
+	DeliveryMax  float64  `json:"deliveryMax"`
+	LostReceiver int      `json:"lostReceiver"` // 201 messages that never reached the receiver's stream
+	LostSender   int      `json:"lostSender"`   // nor the sender's own stream
+	CPU          cpuSplit `json:"cpu"`
+}
+
+// idleStats is the memory the server holds for idle streams.
+type idleStats struct {
+	Streams          int     `json:"streams"`
+	OpenSeconds      float64 `json:"openSeconds"`
+	RSSBeforeKB      int64   `json:"rssBeforeKB"`
+	RSSAfterKB       int64   `json:"rssAfterKB"`
+	KBPerStream      float64 `json:"kbPerStream"`
+	HeapKBPerStream  float64 `json:"heapKBPerStream"`  // Go heap in use, from /metrics
+	StackKBPerStream float64 `json:"stackKBPerStream"` // goroutine stacks in use, from /metrics
+	GoroutinesPerStr float64 `json:"goroutinesPerStream"`
+}
+
+// loadRun is the state of one runLoad: the users, their streams, and what they read.
+type loadRun struct {
+	c         *client
+	meter     cpuMeter
+	serverPid int
+
+	users         []string // tokens of the active users, by index
+	conversations []int64  // conversation i is between users 2i and 2i+1
+	streams       []*eventStream
+	idle          []*eventStream
+	delivered     atomic.Int64 // message events read, on every stream
+}
+
+func runLoad(ctx context.Context, args []string) error {
+	fs := newFlags("load")
+	base := fs.String("url", "http://127.0.0.1:3999", "the server")
+	serverPid := fs.Int("server-pid", 0, "the server's process id, for its CPU time and memory")
+	db := fs.String("db", "messenger_bench", "the server's database, for PostgreSQL's CPU time")
+	users := fs.Int("users", 1000, "active users (even), each with one stream")
+	senders := fs.Int("senders", 16, "concurrent senders")
+	sends := fs.Int("sends", 20000, "messages to send as fast as possible")
+	idle := fs.Int("idle", 10000, "idle streams to open")
+	rate := fs.Float64("rate", 1000, "sends a second in the fixed-rate phase")
+	rateSeconds := fs.Float64("rate-seconds", 10, "length of the fixed-rate phase")
+	warmup := fs.Int("warmup", 500, "sends before measuring, to warm the server's pool and caches")
+	grace := fs.Duration("grace", 5*time.Second, "how long to wait for the last deliveries")
+	out := fs.String("out", "bench/out/load.json", "where to write the results")
+	quiet := addQuietFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *serverPid <= 0 {
+		return errors.New("-server-pid is required")
+	}
+	if *users < 2 || *users%2 != 0 {
+		return fmt.Errorf("-users %d: want an even number of at least 2", *users)
+	}
+	l := &loadRun{
+		c:         newClient(*base, max(*senders, 64)),
+		meter:     cpuMeter{db: *db, serverPid: *serverPid, loadPid: os.Getpid()},
+		serverPid: *serverPid,
+	}
+	if err := l.c.waitReady(ctx, 30*time.Second); err != nil {
+		return err
+	}
+	streamCtx, closeStreams := context.WithCancel(ctx)
+	defer closeStreams()
+	res := loadResult{Users: *users}
+
+	start := time.Now()
+	if err := l.prepare(ctx, streamCtx, *users); err != nil {
+		return err
+	}
+	logf("%d users signed in, %d conversations, %d streams open (%.1fs)", *users, len(l.conversations), len(l.streams), time.Since(start).Seconds())
+
+	if _, err := l.phase(ctx, *senders, *warmup, 0, *grace); err != nil {
+		return err
+	}
+	// The machine at rest, to tell the benchmark's load from other work.
+	var err error
+	if res.Background, err = quiet.wait(); err != nil {
+		return err
+	}
+	if res.Send, err = l.phase(ctx, *senders, *sends, 0, *grace); err != nil {
+		return err
+	}
+	logf("send: %.0f sends/s, send p50 %.1fms p99 %.1fms, delivery p50 %.1fms p99 %.1fms max %.1fms, lost %d/%d",
+		res.Send.PerSecond, res.Send.SendP50, res.Send.SendP99, res.Send.DeliveryP50, res.Send.DeliveryP99,
+		res.Send.DeliveryMax, res.Send.LostReceiver, res.Send.LostSender)
+
+	if res.Idle, err = l.idleStreams(ctx, streamCtx, *idle); err != nil {
+		return err
+	}
+	logf("idle: %d streams opened in %.1fs, resident %d → %d KB, %.1f KB a stream",
+		res.Idle.Streams, res.Idle.OpenSeconds, res.Idle.RSSBeforeKB, res.Idle.RSSAfterKB, res.Idle.KBPerStream)
+
+	count := int(*rate * *rateSeconds)
+	if _, err := quiet.wait(); err != nil {
+		return err
+	}
+	if res.Rate, err = l.phase(ctx, 64, count, *rate, *grace); err != nil {
+		return err
+	}
+	logf("rate: %d streams, %.0f sends/s (asked %.0f), delivery p50 %.1fms p99 %.1fms max %.1fms, lost %d/%d",
+		res.Rate.Streams, res.Rate.PerSecond, *rate, res.Rate.DeliveryP50, res.Rate.DeliveryP99, res.Rate.DeliveryMax,
+		res.Rate.LostReceiver, res.Rate.LostSender)
+
+	closeStreams()
+	all := append(slices.Clone(l.streams), l.idle...)
+	timeout := time.After(10 * time.Second)
+	for _, st := range all {
+		select {
+		case <-st.done:
+		case <-timeout:
+			return errors.New("streams still open 10s after closing them")
+		}
+		res.Reconnects += int(st.reconnects.Load())
+		if st.failed != nil {
+			res.Failures++
+		}
+	}
+	for _, st := range l.streams {
+		seen := make(map[int64]bool)
+		for _, r := range st.receipts() {
+			if seen[r.id] {
+				res.Duplicates++
+			}
+			seen[r.id] = true
+		}
+	}
+	logf("streams: %d reconnects, %d failed, %d duplicate events", res.Reconnects, res.Failures, res.Duplicates)
+	return writeJSON(*out, res)
+}
+
+// prepare signs in the active users, finds their conversations (which setup
+// created) and opens one stream for each user, read until streamCtx is done.
+func (l *loadRun) prepare(ctx, streamCtx context.Context, users int) error {
+	l.users = make([]string, users)
+	err := parallel(ctx, users, 16, func(ctx context.Context, i int) error {
+		_, token, err := l.c.login(ctx, activeName(i))
+		l.users[i] = token
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	l.conversations = make([]int64, users/2)
+	err = parallel(ctx, users/2, 16, func(ctx context.Context, i int) error {
+		id, _, err := l.c.conversation(ctx, l.users[2*i], activeName(2*i+1))
+		l.conversations[i] = id
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	l.streams = make([]*eventStream, users)
+	return parallel(ctx, users, 32, func(ctx context.Context, i int) error {
+		st, err := l.c.openStream(streamCtx, l.users[i], &l.delivered)
+		l.streams[i] = st
+		return err
+	})
+}
+
+// sendRecord is one send: who sent it to whom, when it started and how long its
+// answer took.
+type sendRecord struct {
+	from, to int // user indexes
+	start    time.Time
+	took     time.Duration
+	status   int // 0: no answer
+	id       int64
+}
+
+// phase sends count messages from workers goroutines, each from a random user of
+// a random conversation to the other participant; with rate > 0 the sends start at
+// that many a second, otherwise each worker sends again as soon as it is answered.
+// It then waits at most grace for every message to reach both streams.
+func (l *loadRun) phase(ctx context.Context, workers, count int, rate float64, grace time.Duration) (phaseStats, error) {
+	ps := phaseStats{Streams: len(l.streams) + len(l.idle), Senders: workers, TargetRate: rate, Attempted: count}
+	jobs := make(chan struct{}, count)
+	if rate <= 0 {
+		for range count {
+			jobs <- struct{}{}
+		}
+		close(jobs)
+	}
+	deliveredBefore := l.delivered.Load()
+	a, err := l.meter.sample()
+	if err != nil {
+		return ps, err
+	}
+	begin := time.Now()
+	if rate > 0 {
+		go func() {
+			defer close(jobs)
+			for i := range count {
+				due := begin.Add(time.Duration(float64(i) / rate * float64(time.Second)))
+				if d := time.Until(due); d > 0 {
+					select {
+					case <-ctx.Done():
+						return
+					case <-time.After(d):
+					}
+				}
+				jobs <- struct{}{}
+			}
+		}()
+	}
+	records := make([][]sendRecord, workers)
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rnd := rand.New(rand.NewPCG(uint64(w), uint64(time.Now().UnixNano())))
+			for range jobs {
+				if ctx.Err() != nil {
+					return
+				}
+				conv := rnd.IntN(len(l.conversations))
+				side := rnd.IntN(2)
+				r := sendRecord{from: 2*conv + side, to: 2*conv + 1 - side, start: time.Now()}
+				sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+				status, id, err := l.c.send(sctx, l.users[r.from], l.conversations[conv])
+				cancel()
+				r.took = time.Since(r.start)
+				if err == nil {
+					r.status, r.id = status, id
+				}
+				records[w] = append(records[w], r)
+			}
+		}()
+	}
+	wg.Wait()
+	end := time.Now()
+	b, err := l.meter.sample()
+	if err != nil {
+		return ps, err
+	}
+	if ctx.Err() != nil {
+		return ps, ctx.Err()
+	}
+	ps.CPU = split(a, b)
+	ps.Seconds = end.Sub(begin).Seconds()
+
+	all := slices.Concat(records...)
+	var took []time.Duration
+	for _, r := range all {
+		if r.status == http.StatusCreated {
+			ps.Created++
+			took = append(took, r.took)
+		} else {
+			ps.Failed++
+		}
+	}
+	ps.PerSecond = float64(ps.Created) / ps.Seconds
+	ps.SendP50, ps.SendP99 = ms(percentile(took, 50)), ms(percentile(took, 99))
+
+	want := deliveredBefore + 2*int64(ps.Created)
+	deadline := time.Now().Add(grace)
+	for l.delivered.Load() < want && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	received := make([]map[int64]time.Time, len(l.streams))
+	got := func(user int, id int64) (time.Time, bool) {
+		if received[user] == nil {
+			received[user] = make(map[int64]time.Time)
+			for _, r := range l.streams[user].receipts() {
+				if _, dup := received[user][r.id]; !dup {
+					received[user][r.id] = r.at
+				}
+			}
+		}
+		t, ok := received[user][id]
+		return t, ok
+	}
+	var delivery []time.Duration
+	for _, r := range all {
+		if r.status != http.StatusCreated {
+			continue
+		}
+		if at, ok := got(r.to, r.id); ok {
+			delivery = append(delivery, at.Sub(r.start))
+		} else {
+			ps.LostReceiver++
+		}
+		if _, ok := got(r.from, r.id); !ok {
+			ps.LostSender++
+		}
+	}
+	ps.DeliveryP50, ps.DeliveryP99 = ms(percentile(delivery, 50)), ms(percentile(delivery, 99))
+	ps.DeliveryMax = ms(percentile(delivery, 100))
+	return ps, nil
+}
+
+// idleStreams signs in n idle users and opens one stream for each, and measures how
+// much the server's resident memory grew.
+func (l *loadRun) idleStreams(ctx, streamCtx context.Context, n int) (idleStats, error) {
+	is := idleStats{Streams: n}
+	tokens := make([]string, n)
+	err := parallel(ctx, n, 16, func(ctx context.Context, i int) error {
+		_, token, err := l.c.login(ctx, idleName(i))
+		tokens[i] = token
+		return err
+	})
+	if err != nil {
+		return is, err
+	}
+	time.Sleep(2 * time.Second)
+	if is.RSSBeforeKB, err = residentKB(l.serverPid); err != nil {
+		return is, err
+	}
+	before, err := l.c.runtimeMetrics(ctx)
+	if err != nil {
+		return is, err
+	}
+	start := time.Now()
+	l.idle = make([]*eventStream, n)
+	err = parallel(ctx, n, 32, func(ctx context.Context, i int) error {
+		st, err := l.c.openStream(streamCtx, tokens[i], &l.delivered)
+		l.idle[i] = st
+		return err
+	})
+	if err != nil {
+		return is, err
+	}
+	is.OpenSeconds = time.Since(start).Seconds()
+	time.Sleep(3 * time.Second)
+	if is.RSSAfterKB, err = residentKB(l.serverPid); err != nil {
+		return is, err
+	}
+	after, err := l.c.runtimeMetrics(ctx)
+	if err != nil {
+		return is, err
+	}
+	if n > 0 {
+		is.KBPerStream = float64(is.RSSAfterKB-is.RSSBeforeKB) / float64(n)
+		is.HeapKBPerStream = (after.heap - before.heap) / 1024 / float64(n)
+		is.StackKBPerStream = (after.stack - before.stack) / 1024 / float64(n)
+		is.GoroutinesPerStr = (after.goroutines - before.goroutines) / float64(n)
+	}
+	return is, nil
+}
+
+// goRuntime is what the server's GET /metrics tells of its Go runtime.
+type goRuntime struct {
+	heap, stack float64 // bytes in use
+	goroutines  float64
+}
+
+// runtimeMetrics reads the server's Go heap and stacks in use and its goroutines
+// from GET /metrics.
+func (c *client) runtimeMetrics(ctx context.Context) (goRuntime, error) {
+	var rt goRuntime
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/metrics", nil)
+	if err != nil {
+		return rt, err
+	}
+	resp, err := c.api.Do(req)
+	if err != nil {
+		return rt, fmt.Errorf("metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	want := map[string]*float64{
+		"go_memstats_heap_inuse_bytes":  &rt.heap,
+		"go_memstats_stack_inuse_bytes": &rt.stack,
+		"go_goroutines":                 &rt.goroutines,
+	}
+	found := 0
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		name, value, ok := strings.Cut(sc.Text(), " ")
+		if dst := want[name]; ok && dst != nil {
+			if *dst, err = strconv.ParseFloat(value, 64); err != nil {
+				return rt, fmt.Errorf("metrics: %s: %w", name, err)
+			}
+			found++
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return rt, fmt.Errorf("metrics: %w", err)
+	}
+	if found != len(want) {
+		return rt, fmt.Errorf("metrics: found %d of %d Go runtime metrics", found, len(want))
+	}
+	return rt, nil
+}
+
+// percentile returns the p-th percentile of d (nearest rank); 100 is the maximum.
+// It sorts d.
+func percentile(d []time.Duration, p float64) time.Duration {
+	if len(d) == 0 {
+		return 0
+	}
+	slices.Sort(d)
+	rank := int(p/100*float64(len(d))+0.999999) - 1
+	return d[min(max(rank, 0), len(d)-1)]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "loadgen: "+format+"\n", args...)
+}

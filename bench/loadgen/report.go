@@ -1,0 +1,192 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The targets of the issue "Performance: measure sends and deliveries against the
+// database's own limit".
+const (
+	targetRatio           = 0.7  // server sends/s ÷ pgbench tx/s
+	targetDeliveryP99     = 25.0 // ms, at full load
+	targetKBPerStream     = 12.0
+	targetStreams         = 10000
+	targetRateDeliveryP99 = 50.0 // ms, at the fixed rate with targetStreams open
+)
+
+// runReport reads the results of a `make bench` run and prints them as one table,
+// which it also writes as Markdown.
+func runReport(args []string) error {
+	fset := newFlags("report")
+	dir := fset.String("dir", "bench/out", "where the runs wrote their results")
+	out := fset.String("out", "bench/out/results.md", "where to write the table")
+	pgVersion := fset.String("pg-version", "", "PostgreSQL's version")
+	commit := fset.String("commit", "", "the commit measured")
+	if err := fset.Parse(args); err != nil {
+		return err
+	}
+	var load loadResult
+	if err := readJSON(filepath.Join(*dir, "load.json"), &load); err != nil {
+		return err
+	}
+	runs := map[string]*pgbenchResult{}
+	for _, name := range []string{"send", "notify-intx", "notify-after"} {
+		var r pgbenchResult
+		err := readJSON(filepath.Join(*dir, "pgbench-"+name+".json"), &r)
+		if errors.Is(err, fs.ErrNotExist) && name != "send" {
+			continue // the comparison was skipped
+		}
+		if err != nil {
+			return err
+		}
+		runs[name] = &r
+	}
+	md := report(load, runs, machine(*pgVersion, *commit))
+	fmt.Print(md)
+	return os.WriteFile(*out, []byte(md), 0o644)
+}
+
+// machine describes where the benchmark ran, in one line.
+func machine(pgVersion, commit string) string {
+	model := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				model = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	mem := "?"
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if rest, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+				kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
+				mem = fmt.Sprintf("%.1f GiB", kb/(1<<20))
+			}
+		}
+	}
+	s := fmt.Sprintf("%d cores (%s), %s memory, PostgreSQL %s, %s/%s", runtime.NumCPU(), model, mem, pgVersion,
+		runtime.GOOS, runtime.Version())
+	if commit != "" {
+		s += ", commit " + commit
+	}
+	return s
+}
+
+func report(load loadResult, runs map[string]*pgbenchResult, machine string) string {
+	var b strings.Builder
+	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	limit := runs["send"]
+	send, rate, idle := load.Send, load.Rate, load.Idle
+	ratio := 0.0
+	if limit.TPS > 0 {
+		ratio = send.PerSecond / limit.TPS
+	}
+	lost := send.LostReceiver + send.LostSender + rate.LostReceiver + rate.LostSender
+
+	p("## `make bench`, %s\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	p("Machine: %s.\n", machine)
+	p("Load: %d users in %d conversations, one stream each; K = %d concurrent senders (pgbench: %d clients).\n",
+		load.Users, load.Users/2, send.Senders, limit.Clients)
+	p("Before the run the machine was %.2f of %d cores busy with other work.\n\n", load.Background.Machine, load.Background.Cores)
+
+	p("| measure | result | target | |\n| --- | --- | --- | --- |\n")
+	p("| the limit: pgbench on the send transaction (`send_messages`, one message), %d clients, %ds | %s tx/s (seconds from %s to %s; avg %.1f ms) | | |\n",
+		limit.Clients, limit.Seconds, num(limit.TPS), num(limit.MinTPS), num(limit.MaxTPS), limit.LatencyMs)
+	p("| server send throughput, %d HTTP senders, %s sends | %s sends/s | ≥ %s | %s |\n",
+		send.Senders, num(float64(send.Attempted)), num(send.PerSecond), num(targetRatio*limit.TPS),
+		verdict(ratio >= targetRatio))
+	p("| server ÷ pgbench | %.2f | ≥ %.2f | %s |\n", ratio, targetRatio, verdict(ratio >= targetRatio))
+	p("| send latency p50 / p99 | %.1f / %.1f ms | | |\n", send.SendP50, send.SendP99)
+	p("| delivery latency p50 / p99 / max (send start → receiver's stream) | %.1f / %.1f / %.1f ms | p99 ≤ %.0f ms | %s |\n",
+		send.DeliveryP50, send.DeliveryP99, send.DeliveryMax, targetDeliveryP99, verdict(send.DeliveryP99 <= targetDeliveryP99))
+	p("| sends failed (not 201) | %d + %d | 0 | %s |\n", send.Failed, rate.Failed, verdict(send.Failed+rate.Failed == 0))
+	p("| events lost (receiver / sender stream), both phases | %d / %d | 0 | %s |\n",
+		send.LostReceiver+rate.LostReceiver, send.LostSender+rate.LostSender, verdict(lost == 0))
+	p("| resident memory per idle stream (%s streams, VmRSS %s → %s KB) | %.1f KB (Go heap %.1f KB, stacks %.1f KB) | ≤ %.0f KB | %s |\n",
+		num(float64(idle.Streams)), num(float64(idle.RSSBeforeKB)), num(float64(idle.RSSAfterKB)),
+		idle.KBPerStream, idle.HeapKBPerStream, idle.StackKBPerStream, targetKBPerStream, verdict(idle.KBPerStream <= targetKBPerStream))
+	p("| %s open streams at %s sends/s (%.0f achieved): delivery p50 / p99 / max | %.1f / %.1f / %.1f ms | p99 ≤ %.0f ms | %s |\n",
+		num(float64(rate.Streams)), num(rate.TargetRate), rate.PerSecond, rate.DeliveryP50, rate.DeliveryP99,
+		rate.DeliveryMax, targetRateDeliveryP99,
+		verdict(rate.Streams >= targetStreams && rate.DeliveryP99 <= targetRateDeliveryP99 && rate.PerSecond >= 0.95*rate.TargetRate))
+	p("| streams reconnected / failed / duplicate events | %d / %d / %d | 0 / 0 / 0 | %s |\n",
+		load.Reconnects, load.Failures, load.Duplicates, verdict(load.Failures+load.Duplicates == 0))
+
+	p("\nNOTIFY on the send path (pgbench, %d clients, %ds each; the server now notifies after the commit, one NOTIFY for whatever queued meanwhile):\n\n",
+		limit.Clients, limit.Seconds)
+	p("| variant | tx/s | slowest / fastest second | avg latency | vs (a) |\n| --- | --- | --- | --- | --- |\n")
+	variants := []struct{ name, label string }{
+		{"notify-intx", "(a) `pg_notify` inside the send transaction (the server before 2c3293f)"},
+		{"send", "(b) the send transaction alone, no NOTIFY (the limit above)"},
+		{"notify-after", "(c) (b), then one `SELECT pg_notify(…)` per send in its own transaction"},
+	}
+	base := runs["notify-intx"]
+	for _, v := range variants {
+		r := runs[v.name]
+		if r == nil {
+			p("| %s | skipped | | | |\n", v.label)
+			continue
+		}
+		vs := ""
+		if base != nil && base.TPS > 0 {
+			vs = fmt.Sprintf("%.2f×", r.TPS/base.TPS)
+		}
+		p("| %s | %s | %s / %s | %.1f ms | %s |\n", v.label, num(r.TPS), num(r.MinTPS), num(r.MaxTPS), r.LatencyMs, vs)
+	}
+
+	p("\nWhere the CPU went (cores busy on average, of %d; \"other\" is work on the machine that is not the benchmark's):\n\n",
+		load.Background.Cores)
+	p("| run | PostgreSQL (bench database + cluster) | server | load generator or pgbench | other | whole machine |\n")
+	p("| --- | --- | --- | --- | --- | --- |\n")
+	worst := 0.0
+	row := func(name string, c cpuSplit, server bool) {
+		srv := ""
+		if server {
+			srv = fmt.Sprintf("%.2f", c.Server)
+		}
+		p("| %s | %.2f | %s | %.2f | %.2f | %.2f |\n", name, c.Postgres, srv, c.Load, c.other(), c.Machine)
+		worst = max(worst, c.other())
+	}
+	for _, v := range variants {
+		if r := runs[v.name]; r != nil {
+			row("pgbench "+v.label[:3], r.CPU, false)
+		}
+	}
+	row("server, sends as fast as possible", send.CPU, true)
+	row(fmt.Sprintf("server, %s sends/s with %s streams", num(rate.TargetRate), num(float64(rate.Streams))), rate.CPU, true)
+	if worst > 0.2 {
+		p("\n**Other work took up to %.2f cores during a measurement: these numbers understate the server and the database; rerun on a quiet machine.**\n", worst)
+	}
+	if send.PerSecond > 0 && limit.TPS > 0 {
+		p("\nCPU per send: pgbench (b) %.0f µs in PostgreSQL; server run %.0f µs in PostgreSQL + %.0f µs in the server + %.0f µs in the load generator.\n",
+			1e6*limit.CPU.Postgres/limit.TPS, 1e6*send.CPU.Postgres/send.PerSecond, 1e6*send.CPU.Server/send.PerSecond,
+			1e6*send.CPU.Load/send.PerSecond)
+	}
+	return b.String()
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "pass"
+	}
+	return "**miss**"
+}
+
+// num formats n with thousands separators and no decimals.
+func num(n float64) string {
+	s := strconv.FormatInt(int64(n+0.5), 10)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
+}
