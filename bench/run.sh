@@ -29,8 +29,8 @@ idle=${BENCH_IDLE:-10000}
 rate=${BENCH_RATE:-1000}
 rate_seconds=${BENCH_RATE_SECONDS:-10}
 pg_seconds=${BENCH_PGBENCH_SECONDS:-10}
-port=${BENCH_PORT:-3999}
-db=messenger_bench
+port=
+db=${BENCH_DB:-messenger_bench}
 out=bench/out
 
 say() { echo "bench: $*" >&2; }
@@ -51,10 +51,23 @@ if [ "$(ulimit -n)" -lt "$need" ]; then
   say "open file limit $(ulimit -n) is below the $need this run needs: lower BENCH_IDLE"
   exit 1
 fi
-if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-  say "port $port is taken: set BENCH_PORT"
+# The server's port: BENCH_PORT, or the first free one from 3999, chosen anew for
+# each start.
+taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+pick_port() {
+  if [ -n "${BENCH_PORT:-}" ]; then
+    port=$BENCH_PORT
+    return
+  fi
+  for p in $(seq 3999 4099); do
+    if ! taken "$p"; then
+      port=$p
+      return
+    fi
+  done
+  say "ports 3999 to 4099 are all taken: set BENCH_PORT"
   exit 1
-fi
+}
 
 base=$(scripts/db.sh)
 if [[ ! $base =~ ^postgres(ql)?:// ]]; then
@@ -65,7 +78,7 @@ url=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$db#" <<<"$base")
 admin=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/postgres#" <<<"$base")
 
 mkdir -p "$out"
-rm -f "$out"/*.json "$out/results.md"
+rm -f "$out"/*.json "$out"/*.log "$out/results.md"
 say "building the server and the load generator"
 go build -o "$out/messenger" .
 go build -o "$out/loadgen" ./bench/loadgen
@@ -74,12 +87,30 @@ say "fresh database $db"
 psql "$admin" -v ON_ERROR_STOP=1 -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
 
 server_pid=
-start_server() {
-  : >"$out/server.log"
+# Starts the server and waits until it says it listens, so that the port is surely
+# ours and not another process's that took it since.
+start_server() { # name of the phase, for the log
+  pick_port
+  log="$out/server-$1.log"
+  : >"$log"
   DATABASE_URL="$url" HOST=127.0.0.1 PORT="$port" DEV_LOGIN=true \
     RATE_LIMIT_SENDS=off RATE_LIMIT_CONVERSATIONS=off RATE_LIMIT_LOGINS=off \
-    "$out/messenger" >>"$out/server.log" 2>&1 &
+    "$out/messenger" >>"$log" 2>&1 &
   server_pid=$!
+  for _ in $(seq 300); do
+    if grep -q "^messenger listening on" "$log"; then
+      return 0
+    fi
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      server_pid=
+      say "the server did not start:"
+      tail -n 5 "$log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  say "the server did not start within 30s"
+  exit 1
 }
 stop_server() {
   if [ -n "$server_pid" ]; then
@@ -96,9 +127,12 @@ settle() {
   psql "$url" -qc "CHECKPOINT" >/dev/null 2>&1 || true # needs a superuser or pg_checkpoint
 }
 
-say "setup: $users users and $idle idle users, in pairs"
-start_server
-"$out/loadgen" setup -url "http://127.0.0.1:$port" -users "$users" -idle "$idle"
+# At least 10,000 idle users, whatever BENCH_IDLE says, so that the tables are never
+# toy-sized (see docs/performance.md).
+setup_idle=$((idle > 10000 ? idle : 10000))
+say "setup: $users users and $setup_idle idle users, in pairs"
+start_server setup
+"$out/loadgen" setup -url "http://127.0.0.1:$port" -users "$users" -idle "$setup_idle"
 stop_server # so that pgbench has the machine to itself
 
 pgbench_run() { # name script
@@ -113,7 +147,7 @@ pgbench_run notify-after bench/send_notify_after.sql  # NOTIFY after the commit,
 
 settle
 say "the server: $senders senders, $sends sends, then $idle idle streams, then $rate sends/s"
-start_server
+start_server load
 "$out/loadgen" load -url "http://127.0.0.1:$port" -server-pid "$server_pid" -db "$db" \
   -users "$users" -senders "$senders" -sends "$sends" -idle "$idle" \
   -rate "$rate" -rate-seconds "$rate_seconds" -out "$out/load.json"
