@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	_ "net/http/pprof" // served only on PPROF_ADDR
 	"net/url"
 	"os"
 	"os/signal"
@@ -65,6 +66,7 @@ type config struct {
 	rateLogins        rateSpec
 
 	logFormat string
+	pprofAddr string // where to serve net/http/pprof; empty: nowhere
 }
 
 // loadConfig reads the configuration from getenv, with the documented defaults.
@@ -76,6 +78,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		githubWebURL:       strings.TrimSuffix(orDefault(getenv("GITHUB_WEB_URL"), "https://github.com"), "/"),
 		githubAPIURL:       strings.TrimSuffix(orDefault(getenv("GITHUB_API_URL"), "https://api.github.com"), "/"),
 		logFormat:          orDefault(getenv("LOG_FORMAT"), "text"),
+		pprofAddr:          getenv("PPROF_ADDR"),
 	}
 	if cfg.databaseURL == "" {
 		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
@@ -114,7 +117,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if cfg.syncInterval, err = parseDuration(getenv, "SSE_SYNC_INTERVAL", 10*time.Second); err != nil {
 		return cfg, err
 	}
-	if cfg.streamBuffer, err = parseInt(getenv, "SSE_BUFFER", 256); err != nil {
+	if cfg.streamBuffer, err = parseInt(getenv, "SSE_BUFFER", 64); err != nil {
 		return cfg, err
 	}
 	if cfg.dbMaxConns, err = parseInt(getenv, "DB_MAX_CONNS", 20); err != nil {
@@ -196,6 +199,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	defer srv.close()
+	if cfg.pprofAddr != "" {
+		pl, err := net.Listen("tcp", cfg.pprofAddr)
+		if err != nil {
+			return fmt.Errorf("listen for pprof: %w", err)
+		}
+		defer pl.Close()
+		// The profiler has its own listener, never the public one.
+		go http.Serve(pl, http.DefaultServeMux)
+	}
 	fmt.Fprintf(stdout, "messenger listening on http://%s\n", ln.Addr())
 	return srv.serve(ctx, ln)
 }

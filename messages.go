@@ -149,7 +149,7 @@ type sendBatcher struct {
 
 const (
 	maxSendBatch = 64
-	sendWorkers  = 4
+	sendWorkers  = 2
 )
 
 func newSendBatcher(ctx context.Context, db *sql.DB, nf *notifier) (*sendBatcher, error) {
