@@ -122,10 +122,20 @@ DECLARE
     v_dup    BOOLEAN[] := array_fill(false, ARRAY[n]);
     v_prev   idempotency_keys%ROWTYPE;
     i        INT;
-    v_id     BIGINT;
-    v_at     TIMESTAMPTZ;
-    v_s      BIGINT;
-    v_o      BIGINT;
+    pos      INT;
+    -- The messages to create, in batch order: c_idx[j] is their place in the batch.
+    c_idx    INT[] := '{}';
+    c_conv   BIGINT[] := '{}';
+    c_sender BIGINT[] := '{}';
+    c_other  BIGINT[] := '{}';
+    c_id     BIGINT[] := '{}';
+    c_at     TIMESTAMPTZ[] := '{}';
+    c_sseq   BIGINT[] := '{}';
+    c_oseq   BIGINT[] := '{}';
+    -- Each user's sequence number before this batch, then as numbered so far.
+    u_id     BIGINT[] := '{}';
+    u_seq    BIGINT[] := '{}';
+    r        RECORD;
 BEGIN
     IF n = 0 THEN
         RETURN;
@@ -147,18 +157,75 @@ BEGIN
         v_dup[i] := NOT FOUND;
     END LOOP;
 
-    -- Lock every users row whose sequence this batch may bump, in id order.
-    PERFORM 1 FROM users u
-      WHERE u.id IN (SELECT unnest(p_senders) UNION SELECT unnest(v_others))
-      ORDER BY u.id FOR NO KEY UPDATE;
+    FOR i IN 1..n LOOP
+        IF v_others[i] IS NOT NULL AND NOT v_dup[i] THEN
+            c_idx := c_idx || i;
+            c_conv := c_conv || p_conversations[i];
+            c_sender := c_sender || p_senders[i];
+            c_other := c_other || v_others[i];
+        END IF;
+    END LOOP;
 
+    IF cardinality(c_idx) > 0 THEN
+        -- Lock every users row whose sequence this batch bumps, in id order, and
+        -- bump each once by its number of events.
+        PERFORM 1 FROM users u WHERE u.id = ANY (c_sender || c_other) ORDER BY u.id FOR NO KEY UPDATE;
+        FOR r IN
+            UPDATE users u SET event_seq = u.event_seq + c.cnt
+              FROM (SELECT x.uid, count(*) AS cnt FROM unnest(c_sender || c_other) AS x(uid) GROUP BY x.uid) c
+             WHERE u.id = c.uid
+            RETURNING u.id, u.event_seq - c.cnt AS base
+        LOOP
+            u_id := u_id || r.id;
+            u_seq := u_seq || r.base;
+        END LOOP;
+
+        -- Number the messages and events in batch order. The ids and times are
+        -- taken under the locks, so within a conversation they rise in commit order.
+        FOR j IN 1..cardinality(c_idx) LOOP
+            c_id := c_id || nextval(pg_get_serial_sequence('messages', 'id'));
+            c_at := c_at || clock_timestamp();
+            pos := array_position(u_id, c_sender[j]);
+            u_seq[pos] := u_seq[pos] + 1;
+            c_sseq := c_sseq || u_seq[pos];
+            pos := array_position(u_id, c_other[j]);
+            u_seq[pos] := u_seq[pos] + 1;
+            c_oseq := c_oseq || u_seq[pos];
+        END LOOP;
+
+        INSERT INTO messages (id, conversation_id, user_id, content, created_at)
+        SELECT t.id, t.conv, t.s, p_contents[t.i], t.at
+          FROM unnest(c_id, c_conv, c_sender, c_idx, c_at) AS t(id, conv, s, i, at);
+
+        UPDATE idempotency_keys k SET message_id = t.id
+          FROM unnest(c_sender, c_idx, c_id) AS t(s, i, id)
+         WHERE p_keys[t.i] <> '' AND k.user_id = t.s AND k.key = p_keys[t.i];
+
+        -- One update per participant row, however many of its messages the batch holds.
+        UPDATE participants p
+           SET last_activity_at = x.at, last_message_id = x.id, unread_count = p.unread_count + x.unread
+          FROM (SELECT y.uid, y.conv, max(y.id) AS id, max(y.at) AS at, sum(y.unread)::int AS unread
+                  FROM (SELECT t.s AS uid, t.conv, t.id, t.at, 0 AS unread
+                          FROM unnest(c_sender, c_conv, c_id, c_at) AS t(s, conv, id, at)
+                        UNION ALL
+                        SELECT t.o, t.conv, t.id, t.at, 1
+                          FROM unnest(c_other, c_conv, c_id, c_at) AS t(o, conv, id, at)) y
+                 GROUP BY y.uid, y.conv) x
+         WHERE p.user_id = x.uid AND p.conversation_id = x.conv;
+
+        INSERT INTO events (user_id, seq, kind, message_id)
+        SELECT t.u, t.seq, 'message', t.id
+          FROM unnest(c_sender || c_other, c_sseq || c_oseq, c_id || c_id) AS t(u, seq, id);
+    END IF;
+
+    RETURN QUERY
+        SELECT t.i, 'created'::text, t.id, t.at, p_contents[t.i], t.o, t.ss, t.os
+          FROM unnest(c_idx, c_id, c_at, c_other, c_sseq, c_oseq) AS t(i, id, at, o, ss, os);
     FOR i IN 1..n LOOP
         IF v_others[i] IS NULL THEN
             RETURN QUERY SELECT i, 'not_found'::text, NULL::bigint, NULL::timestamptz, NULL::text,
                                 NULL::bigint, NULL::bigint, NULL::bigint;
-            CONTINUE;
-        END IF;
-        IF v_dup[i] THEN
+        ELSIF v_dup[i] THEN
             SELECT * INTO v_prev FROM idempotency_keys k WHERE k.user_id = p_senders[i] AND k.key = p_keys[i];
             IF v_prev.message_id IS NULL OR v_prev.conversation_id <> p_conversations[i]
                OR v_prev.content <> p_contents[i] THEN
@@ -169,28 +236,7 @@ BEGIN
                                     NULL::bigint, NULL::bigint, NULL::bigint
                                FROM messages m WHERE m.id = v_prev.message_id;
             END IF;
-            CONTINUE;
         END IF;
-
-        UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id = p_senders[i] RETURNING u.event_seq INTO v_s;
-        UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id = v_others[i] RETURNING u.event_seq INTO v_o;
-        -- The id and time are taken under the locks, so within a conversation they
-        -- rise in commit order.
-        v_at := clock_timestamp();
-        INSERT INTO messages AS m (conversation_id, user_id, content, created_at)
-        VALUES (p_conversations[i], p_senders[i], p_contents[i], v_at)
-        RETURNING m.id INTO v_id;
-        IF p_keys[i] <> '' THEN
-            UPDATE idempotency_keys k SET message_id = v_id WHERE k.user_id = p_senders[i] AND k.key = p_keys[i];
-        END IF;
-        UPDATE participants p
-           SET last_activity_at = v_at,
-               last_message_id = v_id,
-               unread_count = p.unread_count + (p.user_id = v_others[i])::int
-         WHERE p.user_id IN (p_senders[i], v_others[i]) AND p.conversation_id = p_conversations[i];
-        INSERT INTO events (user_id, seq, kind, message_id)
-        VALUES (p_senders[i], v_s, 'message', v_id), (v_others[i], v_o, 'message', v_id);
-        RETURN QUERY SELECT i, 'created'::text, v_id, v_at, p_contents[i], v_others[i], v_s, v_o;
     END LOOP;
 END;
 $$;
