@@ -115,6 +115,8 @@ func newTestServer(t testing.TB, env ...string) *testServer {
 			"RATE_LIMIT_SENDS":         "off",
 			"RATE_LIMIT_CONVERSATIONS": "off",
 			"RATE_LIMIT_LOGINS":        "off",
+			// Streams notice a departed client at their next keep-alive.
+			"SSE_KEEPALIVE": "1s",
 		},
 		logs: &syncBuffer{},
 	}
