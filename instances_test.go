@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -153,4 +154,38 @@ func mustParseURL(t *testing.T, s string) *url.URL {
 		t.Fatal(err)
 	}
 	return u
+}
+
+// BenchmarkDeliveryLatency measures how long a message takes from the start of its
+// send to its arrival on the receiver's stream, with the stream on the instance
+// that took the send and on another instance (go test -run '^$' -bench Delivery).
+// Both go through NOTIFY; the difference is the cost of the second instance.
+func BenchmarkDeliveryLatency(b *testing.B) {
+	a, other := newTestServer(b), newTestServer(b)
+	alice, bob := a.newUser(b, "alice"), a.newUser(b, "bob")
+	conv := alice.startConversation(bob)
+	for _, tc := range []struct {
+		name string
+		on   *testServer
+	}{{"same-instance", a}, {"cross-instance", other}} {
+		b.Run(tc.name, func(b *testing.B) {
+			s := bob.as(tc.on).stream("")
+			var lat []time.Duration
+			for b.Loop() {
+				start := time.Now()
+				m := alice.send(conv.ID, "ping")
+				if _, got := s.nextMessage(eventWait); got.ID != m.ID {
+					b.Fatalf("got %s, want %s", got.ID, m.ID)
+				}
+				lat = append(lat, time.Since(start))
+			}
+			slices.Sort(lat)
+			pct := func(p float64) float64 {
+				return float64(lat[int(p*float64(len(lat)-1))].Microseconds()) / 1000
+			}
+			b.ReportMetric(pct(0.5), "p50-ms")
+			b.ReportMetric(pct(0.99), "p99-ms")
+			s.close()
+		})
+	}
 }
