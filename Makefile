@@ -24,3 +24,14 @@ vet:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || ls *.go)); \
 	  if [ -n "$$unformatted" ]; then echo "gofmt would change: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
+
+## screenshots: retake docs/screenshots/ (shown in the README) from the browser tests
+screenshots:
+	@url=$$(scripts/db.sh) && DATABASE_URL="$$url" SCREENSHOT_DIR=$(CURDIR)/docs/screenshots \
+	  $(GO) test -count=1 -run 'TestE2E' .
+
+## fuzz: run each fuzz target for FUZZTIME (default 30s); make test runs their seeds
+FUZZTIME ?= 30s
+fuzz:
+	@url=$$(scripts/db.sh) && for f in $$($(GO) test -list 'Fuzz.*' . | grep ^Fuzz); do \
+	  echo "== $$f"; DATABASE_URL="$$url" $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 2s . || exit 1; done
