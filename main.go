@@ -253,10 +253,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		done:    make(chan struct{}),
 	}
 	s.notifier = newNotifier(db, m, logger)
-	if s.sends, err = newSendBatcher(ctx, db, s.notifier); err != nil {
-		db.Close()
-		return nil, err
-	}
+	s.sends = newSendBatcher(db, s.notifier)
 	s.hub = newHub(db, cfg.streamBuffer, m, logger)
 	s.listener = pq.NewListener(cfg.databaseURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {

@@ -140,26 +140,44 @@ type batchResult struct {
 // takes whatever queued while it was busy, up to maxSendBatch. Every 201 still means
 // the message is durably committed: results are handed out only after the
 // transaction's commit was acknowledged.
+//
+// Each worker runs its batches on a connection of its own (a *sql.Conn with the
+// statement prepared on it). A statement run through the pool is re-run on another
+// connection when the driver reports a broken one, even if the first run had
+// committed, which would store the batch twice; on a dedicated connection a broken
+// connection is an error, answered as 503, and the worker takes a fresh one.
 type sendBatcher struct {
 	db       *sql.DB
-	stmt     *sql.Stmt
 	notifier *notifier
 	queue    chan *sendRequest
 }
+
+// sendQuery is the whole send transaction.
+const sendQuery = `
+	SELECT idx, outcome, message_id, created_at, content, other_id, sender_seq, other_seq
+	FROM send_messages($1, $2, $3, $4)`
 
 const (
 	maxSendBatch = 64
 	sendWorkers  = 2
 )
 
-func newSendBatcher(ctx context.Context, db *sql.DB, nf *notifier) (*sendBatcher, error) {
-	stmt, err := db.PrepareContext(ctx, `
-		SELECT idx, outcome, message_id, created_at, content, other_id, sender_seq, other_seq
-		FROM send_messages($1, $2, $3, $4)`)
-	if err != nil {
-		return nil, fmt.Errorf("prepare send: %w", err)
+func newSendBatcher(db *sql.DB, nf *notifier) *sendBatcher {
+	return &sendBatcher{db: db, notifier: nf, queue: make(chan *sendRequest, maxSendBatch*sendWorkers)}
+}
+
+// sendConn is a send worker's own connection and its prepared statement.
+type sendConn struct {
+	conn *sql.Conn
+	stmt *sql.Stmt
+}
+
+func (sc *sendConn) close() {
+	if sc.conn != nil {
+		sc.stmt.Close()
+		sc.conn.Close()
+		sc.conn, sc.stmt = nil, nil
 	}
-	return &sendBatcher{db: db, stmt: stmt, notifier: nf, queue: make(chan *sendRequest, maxSendBatch*sendWorkers)}, nil
 }
 
 // run works off the queue until ctx is done. The server cancels ctx only after
@@ -168,6 +186,8 @@ func (b *sendBatcher) run(ctx context.Context) {
 	var wg sync.WaitGroup
 	for range sendWorkers {
 		wg.Go(func() {
+			var sc sendConn
+			defer sc.close()
 			for {
 				var batch []*sendRequest
 				select {
@@ -185,16 +205,17 @@ func (b *sendBatcher) run(ctx context.Context) {
 						break more
 					}
 				}
-				b.execute(batch)
+				b.execute(&sc, batch)
 			}
 		})
 	}
 	wg.Wait()
-	b.stmt.Close()
 }
 
 // send stores one message from sender in conversation (key may be empty) and
-// returns it with the outcome.
+// returns it with the outcome. An error after the send was queued is ambiguous:
+// the message may have been stored (a client that retries should send an
+// Idempotency-Key).
 func (b *sendBatcher) send(ctx context.Context, conversation, sender int64, content, key string) (Message, sendOutcome, error) {
 	r := &sendRequest{conversation: conversation, sender: sender, content: content, key: key, done: make(chan batchResult, 1)}
 	select {
@@ -202,20 +223,24 @@ func (b *sendBatcher) send(ctx context.Context, conversation, sender int64, cont
 	case <-ctx.Done():
 		return Message{}, "", fmt.Errorf("queue send: %w", ctx.Err())
 	}
-	// Once queued, the send goes through even if the client leaves; the answer
-	// comes soon either way, bounded by execute's timeout.
-	res := <-r.done
-	return res.msg, res.outcome, res.err
+	select {
+	case res := <-r.done:
+		return res.msg, res.outcome, res.err
+	case <-ctx.Done():
+		return Message{}, "", fmt.Errorf("wait for send: %w", ctx.Err())
+	}
 }
 
-// execute runs one batch and answers each of its requests. If the batch fails as a
-// whole for a reason other than the database being unreachable, each message is
-// retried alone, so that one bad message cannot fail the others.
-func (b *sendBatcher) execute(batch []*sendRequest) {
-	results, err := b.store(batch)
-	if err != nil && len(batch) > 1 && !isUnavailable(err) {
+// execute runs one batch and answers each of its requests. If PostgreSQL refused
+// the batch (so its transaction rolled back) for a reason other than being
+// unavailable, each message is retried alone, so that one bad message cannot fail
+// the others. Any other error leaves the outcome unknown and is returned as it is.
+func (b *sendBatcher) execute(sc *sendConn, batch []*sendRequest) {
+	results, err := b.store(sc, batch)
+	var pqErr *pq.Error
+	if err != nil && len(batch) > 1 && errors.As(err, &pqErr) && !isUnavailable(err) {
 		for _, r := range batch {
-			b.execute([]*sendRequest{r})
+			b.execute(sc, []*sendRequest{r})
 		}
 		return
 	}
@@ -228,23 +253,38 @@ func (b *sendBatcher) execute(batch []*sendRequest) {
 	}
 }
 
-// store runs send_messages for batch and, once it has committed, queues the
-// notifications of the messages it created.
-func (b *sendBatcher) store(batch []*sendRequest) ([]batchResult, error) {
+// store runs send_messages for batch on the worker's connection and, once it has
+// committed, queues the notifications of the messages it created.
+func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batchResult, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
+	defer func() {
+		if err != nil && !errors.As(err, new(*pq.Error)) {
+			sc.close() // the connection's state is unknown: take a fresh one next time
+		}
+	}()
+	if sc.conn == nil {
+		if sc.conn, err = b.db.Conn(ctx); err != nil {
+			return nil, fmt.Errorf("send connection: %w", err)
+		}
+		if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err != nil {
+			sc.conn.Close()
+			sc.conn = nil
+			return nil, fmt.Errorf("prepare send: %w", err)
+		}
+	}
 	n := len(batch)
 	convs, senders := make([]int64, n), make([]int64, n)
 	contents, keys := make([]string, n), make([]string, n)
 	for i, r := range batch {
 		convs[i], senders[i], contents[i], keys[i] = r.conversation, r.sender, r.content, r.key
 	}
-	rows, err := b.stmt.QueryContext(ctx, pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys))
+	rows, err := sc.stmt.QueryContext(ctx, pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys))
 	if err != nil {
 		return nil, fmt.Errorf("send messages: %w", err)
 	}
 	defer rows.Close()
-	results := make([]batchResult, n)
+	results = make([]batchResult, n)
 	var notes []notification
 	for rows.Next() {
 		var idx int
