@@ -264,6 +264,9 @@ BEGIN
         RETURN QUERY SELECT 'not_found'::text, NULL::bigint, NULL::bigint, NULL::jsonb;
         RETURN;
     END IF;
+    -- Lock order: the only users row this takes is the other participant's. Taking
+    -- it before reading unread_count makes two concurrent reads log one event.
+    PERFORM 1 FROM users u WHERE u.id = v_other FOR NO KEY UPDATE;
     SELECT p.unread_count INTO v_unread FROM participants p
      WHERE p.user_id = p_reader_id AND p.conversation_id = p_conversation_id;
     IF v_unread = 0 THEN
@@ -271,7 +274,6 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Lock order: the only users row this takes is the other participant's.
     UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id = v_other RETURNING u.event_seq INTO v_seq;
     v_at := clock_timestamp();
     UPDATE participants p

@@ -66,7 +66,7 @@ type Hub struct {
 	buffer  int // capacity of each stream's queue
 	metrics *metrics
 	logger  *slog.Logger
-	running sync.WaitGroup // stream goroutines (see handleStream)
+	running sync.WaitGroup // registered streams, until they unregister (see handleStream)
 
 	mu      sync.RWMutex               // guards streams and closed
 	streams map[int64]map[*stream]bool // user id → that user's open streams
@@ -108,6 +108,7 @@ func (h *Hub) register(user int64) *stream {
 	}
 	h.streams[user][st] = true
 	h.metrics.streamsOpen.Inc()
+	h.running.Add(1) // under mu, after the closed check: shutdown's Wait cannot miss it
 	return st
 }
 
@@ -121,6 +122,7 @@ func (h *Hub) unregister(st *stream) {
 			delete(h.streams, st.userID)
 		}
 		h.metrics.streamsOpen.Dec()
+		h.running.Done()
 	}
 }
 
@@ -162,10 +164,40 @@ func (h *Hub) closeAll() {
 
 // run feeds notifications to the streams until ctx is done. A nil notification
 // means the listener reconnected and may have missed some, so every stream is
-// synced with the log; so it is every syncInterval, whatever happens.
+// synced with the log; so it is every syncInterval, whatever happens. Syncing and
+// pinging the listener run on goroutines of their own: this one must never stop
+// draining notes, or the listener's connection (which a ping also needs) stalls.
 func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterval time.Duration, ping func() error) {
-	t := time.NewTicker(syncInterval)
-	defer t.Stop()
+	resync := make(chan struct{}, 1)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		t := time.NewTicker(syncInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			case <-resync:
+			}
+			h.sync(ctx)
+		}
+	})
+	wg.Go(func() {
+		t := time.NewTicker(syncInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if err := ping(); err != nil && ctx.Err() == nil {
+					h.logger.Warn("event listener ping", "err", err)
+				}
+			}
+		}
+	})
 	for {
 		select {
 		case <-ctx.Done():
@@ -176,23 +208,21 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 			}
 			if n == nil {
 				h.metrics.listenerReconnects.Inc()
-				h.sync(ctx)
+				select {
+				case resync <- struct{}{}:
+				default: // a sync is already due
+				}
 				continue
 			}
 			if n.Channel == notifyChannel {
 				h.dispatch(n.Extra)
 			}
-		case <-t.C:
-			if err := ping(); err != nil {
-				h.logger.Warn("event listener ping", "err", err)
-			}
-			h.sync(ctx)
 		}
 	}
 }
 
-// dispatch decodes a NOTIFY payload (an array of notifications) and publishes each to the local streams of each
-// user it is for, encoding each user's frame once.
+// dispatch decodes a NOTIFY payload (an array of notifications) and publishes each
+// to the local streams of each user it is for, encoding each user's frame once.
 func (h *Hub) dispatch(payload string) {
 	var notes []notification
 	if err := json.Unmarshal([]byte(payload), &notes); err != nil {
@@ -446,7 +476,6 @@ func (s *server) handleStream() http.HandlerFunc {
 			srv: s, st: st, conn: conn, last: last, expires: sess.expires,
 			out: streamWriter{conn: conn, timeout: s.cfg.writeTimeout, buf: hello},
 		}
-		s.hub.running.Add(1)
 		go sc.serve(last < head)
 	}
 }
@@ -470,7 +499,6 @@ func (sc *streamConn) serve(replay bool) {
 	defer func() {
 		sc.conn.Close()
 		s.hub.unregister(st)
-		s.hub.running.Done()
 		s.logger.Info("stream closed", "user", st.userID, "last", sc.last, "reason", reason,
 			"duration", time.Since(start).Round(time.Millisecond))
 	}()
@@ -536,7 +564,8 @@ func (sc *streamConn) serve(replay bool) {
 // of stack per idle stream; a departed client is noticed within SSE_KEEPALIVE
 // (or at once, by the next event's failed write).
 func (sc *streamConn) clientLeft() bool {
-	sc.conn.SetReadDeadline(time.Now())
+	// A deadline already past would fail the read before it looks at the socket.
+	sc.conn.SetReadDeadline(time.Now().Add(time.Millisecond))
 	var b [64]byte
 	for {
 		_, err := sc.conn.Read(b[:])
