@@ -171,32 +171,13 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 	resync := make(chan struct{}, 1)
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	wg.Go(func() { every(ctx, syncInterval, resync, func() { h.sync(ctx) }) })
 	wg.Go(func() {
-		t := time.NewTicker(syncInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			case <-resync:
+		every(ctx, syncInterval, nil, func() {
+			if err := ping(); err != nil && ctx.Err() == nil {
+				h.logger.Warn("event listener ping", "err", err)
 			}
-			h.sync(ctx)
-		}
-	})
-	wg.Go(func() {
-		t := time.NewTicker(syncInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				if err := ping(); err != nil && ctx.Err() == nil {
-					h.logger.Warn("event listener ping", "err", err)
-				}
-			}
-		}
+		})
 	})
 	for {
 		select {
@@ -218,6 +199,21 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 				h.dispatch(n.Extra)
 			}
 		}
+	}
+}
+
+// every calls fn every interval, and whenever wake fires, until ctx is done.
+func every(ctx context.Context, interval time.Duration, wake <-chan struct{}, fn func()) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-wake:
+		}
+		fn()
 	}
 }
 
