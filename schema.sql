@@ -197,9 +197,11 @@ BEGIN
         SELECT t.id, t.conv, t.s, p_contents[t.i], t.at
           FROM unnest(c_id, c_conv, c_sender, c_idx, c_at) AS t(id, conv, s, i, at);
 
-        UPDATE idempotency_keys k SET message_id = t.id
-          FROM unnest(c_sender, c_idx, c_id) AS t(s, i, id)
-         WHERE p_keys[t.i] <> '' AND k.user_id = t.s AND k.key = p_keys[t.i];
+        IF EXISTS (SELECT 1 FROM unnest(p_keys) AS k WHERE k <> '') THEN
+            UPDATE idempotency_keys k SET message_id = t.id
+              FROM unnest(c_sender, c_idx, c_id) AS t(s, i, id)
+             WHERE p_keys[t.i] <> '' AND k.user_id = t.s AND k.key = p_keys[t.i];
+        END IF;
 
         -- One update per participant row, however many of its messages the batch holds.
         UPDATE participants p
