@@ -111,7 +111,7 @@ func validIdempotencyKey(key string) bool {
 	return true
 }
 
-// sendOutcome is what send_message reports.
+// sendOutcome is what send_messages reports for one message.
 type sendOutcome string
 
 const (
