@@ -208,15 +208,6 @@ func (ts *testServer) stop(t testing.TB) error {
 	}
 }
 
-// restart stops the server and starts it again on the same port.
-func (ts *testServer) restart(t testing.TB) {
-	t.Helper()
-	if err := ts.stop(t); err != nil {
-		t.Fatalf("stop: %v", err)
-	}
-	ts.start(t)
-}
-
 // client is a signed-in user of a test server.
 type client struct {
 	t     testing.TB
