@@ -7,7 +7,6 @@ import (
 	"context"
 	"crypto/rand"
 	"database/sql"
-	_ "embed"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -27,9 +26,6 @@ import (
 
 	"github.com/lib/pq"
 )
-
-//go:embed schema.sql
-var schemaSQL string
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -232,7 +228,7 @@ type server struct {
 // newServer opens the database, applies the schema and starts the fan-out from
 // PostgreSQL notifications. The caller must call close.
 func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, error) {
-	db, err := openDB(ctx, cfg)
+	db, err := openDB(ctx, cfg, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -352,8 +348,8 @@ func (s *server) cleanUp(ctx context.Context) {
 	}
 }
 
-// openDB connects to PostgreSQL, sizes the pool and applies the schema.
-func openDB(ctx context.Context, cfg config) (*sql.DB, error) {
+// openDB connects to PostgreSQL, sizes the pool and applies the migrations.
+func openDB(ctx context.Context, cfg config, logger *slog.Logger) (*sql.DB, error) {
 	db, err := sql.Open("postgres", cfg.databaseURL)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
@@ -361,36 +357,11 @@ func openDB(ctx context.Context, cfg config) (*sql.DB, error) {
 	db.SetMaxOpenConns(cfg.dbMaxConns)
 	db.SetMaxIdleConns(cfg.dbMaxConns)
 	db.SetConnMaxIdleTime(5 * time.Minute)
-	if err := applySchema(ctx, db); err != nil {
+	if err := migrate(ctx, db, logger); err != nil {
 		db.Close()
 		return nil, err
 	}
 	return db, nil
-}
-
-// applySchema runs schema.sql under an advisory lock, so instances starting together
-// do not race on CREATE ... IF NOT EXISTS.
-func applySchema(ctx context.Context, db *sql.DB) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	tx, err := db.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("apply schema: %w", err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7170001)`); err != nil {
-		return fmt.Errorf("apply schema: lock: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, `SET LOCAL client_min_messages = warning`); err != nil {
-		return fmt.Errorf("apply schema: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
-		return fmt.Errorf("apply schema: %w", err)
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("apply schema: commit: %w", err)
-	}
-	return nil
 }
 
 // developmentTokenKey returns the token key kept in the database, creating it on

@@ -1,5 +1,7 @@
--- The messenger schema. The server applies it on every start, so each statement is
--- idempotent (IF NOT EXISTS, CREATE OR REPLACE).
+-- The messenger schema: the whole schema of a new database, to read first. The server
+-- does not run this file: it applies the numbered migrations in migrations/ (goose),
+-- and TestMigrationsMatchSchema checks that a database built by them has exactly this
+-- schema. A change to the schema is a new migration AND an edit here.
 --
 -- Lock order: every transaction that writes events locks the users rows it bumps
 -- (users.event_seq) first, lower id first, and only then touches participants,

@@ -1,0 +1,240 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// openPrivateDatabase returns a fresh empty database of the test's own, open.
+func openPrivateDatabase(t *testing.T) (string, *sql.DB) {
+	t.Helper()
+	u := privateDatabase(t)
+	db, err := sql.Open("postgres", u)
+	if err != nil {
+		t.Fatalf("open database: %v", err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return u, db
+}
+
+func mustMigrate(t *testing.T, db *sql.DB) {
+	t.Helper()
+	if err := migrate(context.Background(), db, slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {
+		t.Fatalf("migrate: %v", err)
+	}
+}
+
+func mustExec(t *testing.T, db *sql.DB, query string, args ...any) {
+	t.Helper()
+	if _, err := db.Exec(query, args...); err != nil {
+		t.Fatalf("exec %.60q: %v", query, err)
+	}
+}
+
+// migrationVersions returns the number of files in migrations/ and the newest version.
+func migrationVersions(t *testing.T, db *sql.DB) (count int, latest int64) {
+	t.Helper()
+	p, err := newMigrator(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcs := p.ListSources()
+	return len(srcs), srcs[len(srcs)-1].Version
+}
+
+// catalog describes a database's schema, outside goose's own tables, as sorted lines:
+// columns, constraints, indexes and functions.
+func catalog(t *testing.T, db *sql.DB) string {
+	t.Helper()
+	queries := []string{
+		`SELECT format('column %s.%s %s null=%s default=%s', table_name, column_name, data_type, is_nullable, coalesce(column_default, ''))
+		   FROM information_schema.columns WHERE table_schema = 'public' AND table_name NOT LIKE 'goose%'`,
+		`SELECT format('constraint %s %s %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
+		   FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND conrelid::regclass::text NOT LIKE 'goose%'`,
+		`SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename NOT LIKE 'goose%'`,
+		`SELECT format('function %s(%s) %s', proname, pg_get_function_identity_arguments(oid), md5(pg_get_functiondef(oid)))
+		   FROM pg_proc WHERE pronamespace = 'public'::regnamespace`,
+	}
+	var lines []string
+	for _, q := range queries {
+		rows, err := db.Query(q + ` ORDER BY 1`)
+		if err != nil {
+			t.Fatalf("catalog: %v", err)
+		}
+		for rows.Next() {
+			var s string
+			if err := rows.Scan(&s); err != nil {
+				t.Fatal(err)
+			}
+			lines = append(lines, s)
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		rows.Close()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// TestMigrationsMatchSchema checks that schema.sql, the schema people read, is the
+// schema the migrations build.
+func TestMigrationsMatchSchema(t *testing.T) {
+	_, fromSchema := openPrivateDatabase(t)
+	mustExec(t, fromSchema, schemaSQL)
+	_, fromMigrations := openPrivateDatabase(t)
+	mustMigrate(t, fromMigrations)
+
+	want, got := catalog(t, fromSchema), catalog(t, fromMigrations)
+	if got != want {
+		t.Errorf("the migrations build another schema than schema.sql:\n%s", lineDiff(want, got))
+	}
+	if !strings.Contains(got, "column users.event_seq") {
+		t.Fatalf("catalog is missing what it should describe:\n%s", got)
+	}
+}
+
+// lineDiff lists the lines only in a (-) and only in b (+).
+func lineDiff(a, b string) string {
+	in := func(s string) map[string]bool {
+		m := map[string]bool{}
+		for _, l := range strings.Split(s, "\n") {
+			m[l] = true
+		}
+		return m
+	}
+	ina, inb := in(a), in(b)
+	var out strings.Builder
+	for _, l := range strings.Split(a, "\n") {
+		if !inb[l] {
+			fmt.Fprintf(&out, "- schema.sql:  %s\n", l)
+		}
+	}
+	for _, l := range strings.Split(b, "\n") {
+		if !ina[l] {
+			fmt.Fprintf(&out, "+ migrations: %s\n", l)
+		}
+	}
+	return out.String()
+}
+
+// baselineSQL is the schema every database had before migrations began: the Up
+// part of the first migration, as the server then applied it on every start.
+func baselineSQL(t *testing.T) string {
+	t.Helper()
+	b, err := migrationFiles.ReadFile("migrations/00001_baseline.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, s, ok := strings.Cut(string(b), "-- +goose StatementBegin\n")
+	s, _, ok2 := strings.Cut(s, "-- +goose StatementEnd")
+	if !ok || !ok2 {
+		t.Fatal("00001_baseline.sql: no StatementBegin/StatementEnd block")
+	}
+	return s
+}
+
+// TestMigrateUpgradesExistingDatabase upgrades a database made by the schema.sql of
+// before migrations, with data in it, and checks that every row is still there.
+func TestMigrateUpgradesExistingDatabase(t *testing.T) {
+	dbURL, db := openPrivateDatabase(t)
+	mustExec(t, db, baselineSQL(t))
+	mustExec(t, db, `INSERT INTO users (id, username, github_id) VALUES (1, 'ann', NULL), (2, 'Bob', 42)`)
+	mustExec(t, db, `INSERT INTO conversations (id, user_low, user_high) VALUES (7, 1, 2)`)
+	mustExec(t, db, `INSERT INTO participants (user_id, conversation_id, last_activity_at) VALUES (1, 7, now()), (2, 7, now())`)
+	mustExec(t, db, `SELECT * FROM send_messages('{7,7}', '{1,2}', '{"hello bob","hi ann"}', '{"k1",""}')`)
+	mustExec(t, db, `SELECT * FROM read_messages(7, 2)`)
+	mustExec(t, db, `INSERT INTO settings (name, value) VALUES ('dev_token_key', 'old-key')`)
+	mustExec(t, db, `SELECT setval('users_id_seq', 2)`)
+
+	// Every row of every table the old schema had, as text, in a stable order.
+	tables := []string{"users", "conversations", "participants", "messages", "events", "idempotency_keys", "settings"}
+	dump := func() map[string]string {
+		m := map[string]string{}
+		for _, tbl := range tables {
+			var s sql.NullString
+			if err := db.QueryRow(`SELECT string_agg(t::text, E'\n' ORDER BY t::text) FROM ` + tbl + ` t`).Scan(&s); err != nil {
+				t.Fatalf("dump %s: %v", tbl, err)
+			}
+			m[tbl] = s.String
+		}
+		return m
+	}
+	before := dump()
+	for _, tbl := range []string{"users", "messages", "events", "idempotency_keys"} {
+		if before[tbl] == "" {
+			t.Fatalf("the test put no rows in %s", tbl)
+		}
+	}
+
+	mustMigrate(t, db)
+	var version int64
+	if err := db.QueryRow(`SELECT max(version_id) FROM goose_db_version WHERE is_applied`).Scan(&version); err != nil {
+		t.Fatal(err)
+	}
+	if _, want := migrationVersions(t, db); version != want {
+		t.Errorf("version after upgrade: got %d, want %d", version, want)
+	}
+	after := dump()
+	for _, tbl := range tables {
+		if !sameRows(before[tbl], after[tbl]) {
+			t.Errorf("%s changed in the upgrade:\nbefore:\n%s\nafter:\n%s", tbl, before[tbl], after[tbl])
+		}
+	}
+
+	// The upgraded database serves: ann (an existing user) reads her conversation.
+	ts := newTestServer(t, "DATABASE_URL="+dbURL)
+	ann := ts.login(t, "ann")
+	var page []apiMessage
+	ann.mustDo("GET", "/api/conversations/7/messages", nil, 200, &page)
+	if len(page) != 2 {
+		t.Errorf("messages after the upgrade: got %d, want 2", len(page))
+	}
+}
+
+// sameRows reports whether every row before is still there after; migrations may
+// add columns, which appear at the end of each row's text.
+func sameRows(before, after string) bool {
+	b, a := strings.Split(before, "\n"), strings.Split(after, "\n")
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range b {
+		if a[i] != b[i] && !strings.HasPrefix(a[i], strings.TrimSuffix(b[i], ")")+",") {
+			return false
+		}
+	}
+	return true
+}
+
+// TestMigrateConcurrently starts the migrations from several instances at once on
+// a new database: each applies or waits, and each migration is recorded once.
+func TestMigrateConcurrently(t *testing.T) {
+	_, db := openPrivateDatabase(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Go(func() {
+			errs <- migrate(context.Background(), db, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Errorf("migrate: %v", err)
+		}
+	}
+	var rows, versions int
+	if err := db.QueryRow(`SELECT count(*), count(DISTINCT version_id) FROM goose_db_version WHERE version_id > 0`).Scan(&rows, &versions); err != nil {
+		t.Fatal(err)
+	}
+	if want, _ := migrationVersions(t, db); rows != want || versions != want {
+		t.Errorf("goose_db_version: got %d rows of %d versions, want %d of %d", rows, versions, want, want)
+	}
+}

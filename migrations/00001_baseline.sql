@@ -1,0 +1,303 @@
+-- The baseline: schema.sql as it was when migrations began (2026-11-30). Every
+-- database made before then was made by applying exactly this file at each start, so
+-- it is idempotent and running it on such a database changes nothing; goose then
+-- records version 1 and applies the migrations after it.
+--
+-- +goose Up
+-- +goose StatementBegin
+-- The messenger schema. The server applies it on every start, so each statement is
+-- idempotent (IF NOT EXISTS, CREATE OR REPLACE).
+--
+-- Lock order: every transaction that writes events locks the users rows it bumps
+-- (users.event_seq) first, lower id first, and only then touches participants,
+-- messages or events. That single rule rules out deadlocks between sends and reads,
+-- and it makes each user's event sequence commit in order: event n+1 of a user can
+-- only be numbered after the transaction that numbered event n has committed.
+
+CREATE TABLE IF NOT EXISTS users (
+    id          BIGSERIAL PRIMARY KEY,
+    username    TEXT NOT NULL CHECK (username ~ '^[A-Za-z0-9_-]{1,39}$'),
+    github_id   BIGINT UNIQUE,
+    avatar_url  TEXT,
+    -- event_seq is the sequence number of the user's latest event (events.seq).
+    event_seq   BIGINT NOT NULL DEFAULT 0,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS users_username_key ON users (lower(username));
+CREATE INDEX IF NOT EXISTS users_username_prefix ON users (lower(username) text_pattern_ops);
+
+-- A conversation is between exactly two users; the pair is stored ordered, so the
+-- unique constraint makes "one conversation per pair" hold under any concurrency.
+CREATE TABLE IF NOT EXISTS conversations (
+    id          BIGSERIAL PRIMARY KEY,
+    user_low    BIGINT NOT NULL REFERENCES users ON DELETE CASCADE,
+    user_high   BIGINT NOT NULL REFERENCES users ON DELETE CASCADE,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CHECK (user_low < user_high),
+    UNIQUE (user_low, user_high)
+);
+CREATE INDEX IF NOT EXISTS conversations_user_high ON conversations (user_high);
+
+-- participants holds each user's view of a conversation: where it sorts in their
+-- list (last_activity_at, conversation_id), its last message and what they have read.
+CREATE TABLE IF NOT EXISTS participants (
+    user_id              BIGINT NOT NULL REFERENCES users ON DELETE CASCADE,
+    conversation_id      BIGINT NOT NULL REFERENCES conversations ON DELETE CASCADE,
+    last_activity_at     TIMESTAMPTZ NOT NULL,
+    last_message_id      BIGINT,
+    unread_count         INT NOT NULL DEFAULT 0 CHECK (unread_count >= 0),
+    last_read_message_id BIGINT NOT NULL DEFAULT 0,
+    messages_read_at     TIMESTAMPTZ,
+    PRIMARY KEY (user_id, conversation_id)
+);
+CREATE INDEX IF NOT EXISTS participants_activity
+    ON participants (user_id, last_activity_at DESC, conversation_id DESC);
+
+CREATE TABLE IF NOT EXISTS messages (
+    id              BIGSERIAL PRIMARY KEY,
+    conversation_id BIGINT NOT NULL REFERENCES conversations ON DELETE CASCADE,
+    user_id         BIGINT NOT NULL REFERENCES users ON DELETE CASCADE,
+    content         TEXT NOT NULL CHECK (char_length(content) BETWEEN 1 AND 480),
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS messages_conversation ON messages (conversation_id, id DESC);
+
+-- events is each user's log: the stream's "id:" is seq, and a reconnecting stream
+-- replays the rows after its Last-Event-ID. A message event points at the message
+-- (the reader's "mine" is derived); a read event carries its payload.
+CREATE TABLE IF NOT EXISTS events (
+    user_id     BIGINT NOT NULL REFERENCES users ON DELETE CASCADE,
+    seq         BIGINT NOT NULL CHECK (seq > 0),
+    kind        TEXT NOT NULL CHECK (kind IN ('message', 'read')),
+    message_id  BIGINT REFERENCES messages ON DELETE CASCADE,
+    payload     JSONB,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, seq),
+    CHECK ((kind = 'message') = (message_id IS NOT NULL))
+);
+
+-- idempotency_keys remembers the message each Idempotency-Key created, so that a
+-- retried send returns the first message instead of creating another.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    user_id         BIGINT NOT NULL REFERENCES users ON DELETE CASCADE,
+    key             TEXT NOT NULL CHECK (char_length(key) BETWEEN 1 AND 255),
+    conversation_id BIGINT NOT NULL REFERENCES conversations ON DELETE CASCADE,
+    content         TEXT NOT NULL,
+    -- message_id is NULL only inside the transaction that claims the key.
+    message_id      BIGINT REFERENCES messages ON DELETE CASCADE,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
+
+-- oauth_states holds the state of each OAuth sign-in in flight; the callback deletes
+-- it, so a state is good for one sign-in only.
+CREATE TABLE IF NOT EXISTS oauth_states (
+    state       TEXT PRIMARY KEY,
+    expires_at  TIMESTAMPTZ NOT NULL
+);
+
+-- settings holds server-wide values, such as the development token key.
+CREATE TABLE IF NOT EXISTS settings (
+    name   TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+
+-- send_messages stores a batch of messages, each with one event for each participant,
+-- in one transaction: the server gathers concurrent sends into one call (a batch of
+-- one when it is idle), and the benchmark's pgbench script calls it with one message,
+-- the very transaction of a lone send. Element i of the arrays is one message; key ''
+-- means none. For each it returns a row: outcome is 'created', 'replayed' (the
+-- idempotency key was used before, for the same conversation and content: the first
+-- message is returned), 'key_conflict' (used before for something else) or
+-- 'not_found' (no such conversation, or the sender is not in it). Created rows carry
+-- the other participant and both events' sequence numbers, for the notification the
+-- server sends after the commit.
+--
+-- Lock order inside: idempotency keys by (user, key), then every users row involved
+-- by id, and only then anything else.
+DROP FUNCTION IF EXISTS send_message(BIGINT, BIGINT, TEXT, TEXT);
+CREATE OR REPLACE FUNCTION send_messages(
+    p_conversations BIGINT[], p_senders BIGINT[], p_contents TEXT[], p_keys TEXT[])
+RETURNS TABLE (idx INT, outcome TEXT, message_id BIGINT, created_at TIMESTAMPTZ, content TEXT,
+               other_id BIGINT, sender_seq BIGINT, other_seq BIGINT)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    n        INT := coalesce(array_length(p_conversations, 1), 0);
+    v_others BIGINT[];
+    v_dup    BOOLEAN[] := array_fill(false, ARRAY[n]);
+    v_prev   idempotency_keys%ROWTYPE;
+    i        INT;
+    pos      INT;
+    -- The messages to create, in batch order: c_idx[j] is their place in the batch.
+    c_idx    INT[] := '{}';
+    c_conv   BIGINT[] := '{}';
+    c_sender BIGINT[] := '{}';
+    c_other  BIGINT[] := '{}';
+    c_id     BIGINT[] := '{}';
+    c_at     TIMESTAMPTZ[] := '{}';
+    c_sseq   BIGINT[] := '{}';
+    c_oseq   BIGINT[] := '{}';
+    -- Each user's sequence number before this batch, then as numbered so far.
+    u_id     BIGINT[] := '{}';
+    u_seq    BIGINT[] := '{}';
+    r        RECORD;
+BEGIN
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    -- The other participant of each message's conversation; NULL: not found.
+    SELECT array_agg(CASE t.s WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END ORDER BY t.ord)
+      INTO v_others
+      FROM unnest(p_conversations, p_senders) WITH ORDINALITY AS t(conv, s, ord)
+      LEFT JOIN conversations c ON c.id = t.conv;
+
+    -- Claim the idempotency keys. A concurrent send with the same key waits here
+    -- until the first commits, then finds its row.
+    FOR i IN SELECT t.ord FROM unnest(p_senders, p_keys) WITH ORDINALITY AS t(s, k, ord)
+              WHERE t.k <> '' ORDER BY t.s, t.k, t.ord LOOP
+        CONTINUE WHEN v_others[i] IS NULL;
+        INSERT INTO idempotency_keys AS k (user_id, key, conversation_id, content)
+        VALUES (p_senders[i], p_keys[i], p_conversations[i], p_contents[i])
+        ON CONFLICT DO NOTHING;
+        v_dup[i] := NOT FOUND;
+    END LOOP;
+
+    FOR i IN 1..n LOOP
+        IF v_others[i] IS NOT NULL AND NOT v_dup[i] THEN
+            c_idx := c_idx || i;
+            c_conv := c_conv || p_conversations[i];
+            c_sender := c_sender || p_senders[i];
+            c_other := c_other || v_others[i];
+        END IF;
+    END LOOP;
+
+    IF cardinality(c_idx) > 0 THEN
+        -- Lock every users row whose sequence this batch bumps, in id order, and
+        -- bump each once by its number of events.
+        PERFORM 1 FROM users u WHERE u.id = ANY (c_sender || c_other) ORDER BY u.id FOR NO KEY UPDATE;
+        FOR r IN
+            UPDATE users u SET event_seq = u.event_seq + c.cnt
+              FROM (SELECT x.uid, count(*) AS cnt FROM unnest(c_sender || c_other) AS x(uid) GROUP BY x.uid) c
+             WHERE u.id = c.uid
+            RETURNING u.id, u.event_seq - c.cnt AS base
+        LOOP
+            u_id := u_id || r.id;
+            u_seq := u_seq || r.base;
+        END LOOP;
+
+        -- Number the messages and events in batch order. The ids and times are
+        -- taken under the locks, so within a conversation they rise in commit order.
+        FOR j IN 1..cardinality(c_idx) LOOP
+            c_id := c_id || nextval(pg_get_serial_sequence('messages', 'id'));
+            c_at := c_at || clock_timestamp();
+            pos := array_position(u_id, c_sender[j]);
+            u_seq[pos] := u_seq[pos] + 1;
+            c_sseq := c_sseq || u_seq[pos];
+            pos := array_position(u_id, c_other[j]);
+            u_seq[pos] := u_seq[pos] + 1;
+            c_oseq := c_oseq || u_seq[pos];
+        END LOOP;
+
+        INSERT INTO messages (id, conversation_id, user_id, content, created_at)
+        SELECT t.id, t.conv, t.s, p_contents[t.i], t.at
+          FROM unnest(c_id, c_conv, c_sender, c_idx, c_at) AS t(id, conv, s, i, at);
+
+        IF EXISTS (SELECT 1 FROM unnest(p_keys) AS k WHERE k <> '') THEN
+            UPDATE idempotency_keys k SET message_id = t.id
+              FROM unnest(c_sender, c_idx, c_id) AS t(s, i, id)
+             WHERE p_keys[t.i] <> '' AND k.user_id = t.s AND k.key = p_keys[t.i];
+        END IF;
+
+        -- One update per participant row, however many of its messages the batch holds.
+        UPDATE participants p
+           SET last_activity_at = x.at, last_message_id = x.id, unread_count = p.unread_count + x.unread
+          FROM (SELECT y.uid, y.conv, max(y.id) AS id, max(y.at) AS at, sum(y.unread)::int AS unread
+                  FROM (SELECT t.s AS uid, t.conv, t.id, t.at, 0 AS unread
+                          FROM unnest(c_sender, c_conv, c_id, c_at) AS t(s, conv, id, at)
+                        UNION ALL
+                        SELECT t.o, t.conv, t.id, t.at, 1
+                          FROM unnest(c_other, c_conv, c_id, c_at) AS t(o, conv, id, at)) y
+                 GROUP BY y.uid, y.conv) x
+         WHERE p.user_id = x.uid AND p.conversation_id = x.conv;
+
+        INSERT INTO events (user_id, seq, kind, message_id)
+        SELECT t.u, t.seq, 'message', t.id
+          FROM unnest(c_sender || c_other, c_sseq || c_oseq, c_id || c_id) AS t(u, seq, id);
+    END IF;
+
+    RETURN QUERY
+        SELECT t.i, 'created'::text, t.id, t.at, p_contents[t.i], t.o, t.ss, t.os
+          FROM unnest(c_idx, c_id, c_at, c_other, c_sseq, c_oseq) AS t(i, id, at, o, ss, os);
+    FOR i IN 1..n LOOP
+        IF v_others[i] IS NULL THEN
+            RETURN QUERY SELECT i, 'not_found'::text, NULL::bigint, NULL::timestamptz, NULL::text,
+                                NULL::bigint, NULL::bigint, NULL::bigint;
+        ELSIF v_dup[i] THEN
+            SELECT * INTO v_prev FROM idempotency_keys k WHERE k.user_id = p_senders[i] AND k.key = p_keys[i];
+            IF v_prev.message_id IS NULL OR v_prev.conversation_id <> p_conversations[i]
+               OR v_prev.content <> p_contents[i] THEN
+                RETURN QUERY SELECT i, 'key_conflict'::text, NULL::bigint, NULL::timestamptz, NULL::text,
+                                    NULL::bigint, NULL::bigint, NULL::bigint;
+            ELSE
+                RETURN QUERY SELECT i, 'replayed'::text, m.id, m.created_at, m.content,
+                                    NULL::bigint, NULL::bigint, NULL::bigint
+                               FROM messages m WHERE m.id = v_prev.message_id;
+            END IF;
+        END IF;
+    END LOOP;
+END;
+$$;
+
+-- read_messages marks a conversation read up to its last message for p_reader and,
+-- when there was something unread, logs a read event for the other participant.
+-- outcome is 'read' (with the event's recipient, sequence number and data, for the
+-- notification the server sends after the commit), 'unchanged' or 'not_found'.
+DROP FUNCTION IF EXISTS read_messages(BIGINT, BIGINT);
+CREATE OR REPLACE FUNCTION read_messages(p_conversation_id BIGINT, p_reader_id BIGINT)
+RETURNS TABLE (outcome TEXT, other_id BIGINT, seq BIGINT, data JSONB)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_other  BIGINT;
+    v_unread INT;
+    v_seq    BIGINT;
+    v_at     TIMESTAMPTZ;
+    v_data   JSONB;
+BEGIN
+    SELECT CASE p_reader_id WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END
+      INTO v_other
+      FROM conversations c WHERE c.id = p_conversation_id;
+    IF v_other IS NULL THEN
+        RETURN QUERY SELECT 'not_found'::text, NULL::bigint, NULL::bigint, NULL::jsonb;
+        RETURN;
+    END IF;
+    -- Lock order: the only users row this takes is the other participant's. Taking
+    -- it before reading unread_count makes two concurrent reads log one event.
+    PERFORM 1 FROM users u WHERE u.id = v_other FOR NO KEY UPDATE;
+    SELECT p.unread_count INTO v_unread FROM participants p
+     WHERE p.user_id = p_reader_id AND p.conversation_id = p_conversation_id;
+    IF v_unread = 0 THEN
+        RETURN QUERY SELECT 'unchanged'::text, NULL::bigint, NULL::bigint, NULL::jsonb;
+        RETURN;
+    END IF;
+
+    UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id = v_other RETURNING u.event_seq INTO v_seq;
+    v_at := clock_timestamp();
+    UPDATE participants p
+       SET unread_count = 0, last_read_message_id = coalesce(p.last_message_id, 0), messages_read_at = v_at
+     WHERE p.user_id = p_reader_id AND p.conversation_id = p_conversation_id;
+    v_data := jsonb_build_object(
+        'conversationId', p_conversation_id::text,
+        'userId', p_reader_id::text,
+        'readAt', to_char(v_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'));
+    INSERT INTO events (user_id, seq, kind, payload) VALUES (v_other, v_seq, 'read', v_data);
+    RETURN QUERY SELECT 'read'::text, v_other, v_seq, v_data;
+END;
+$$;
+-- +goose StatementEnd
+
+-- +goose Down
+-- The baseline is not undone: it would drop every table.
+SELECT 1;
