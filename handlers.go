@@ -62,6 +62,7 @@ func (s *server) addRoutes(r *way.Router) {
 	// The stream lives as long as its client: no request timeout.
 	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.handleStream())))
 
+	handle("GET", "/api/openapi.yaml", handleOpenAPI())
 	handle("GET", "/healthz", s.handleHealthz())
 	handle("GET", "/readyz", s.handleReadyz())
 	r.Handle("GET", "/metrics", s.metrics.handler())
@@ -172,10 +173,13 @@ func (s *server) respondError(w http.ResponseWriter, r *http.Request, err error)
 	if ae.retryAfter > 0 {
 		w.Header().Set("Retry-After", strconv.Itoa(int((ae.retryAfter+time.Second-1)/time.Second)))
 	}
+	// message repeats error for the original front end of the article series, which
+	// reads it (docs/api.md, "Differences from the original front end").
 	body := struct {
-		Error  string            `json:"error"`
-		Errors map[string]string `json:"errors,omitempty"`
-	}{ae.msg, ae.fields}
+		Error   string            `json:"error"`
+		Message string            `json:"message"`
+		Errors  map[string]string `json:"errors,omitempty"`
+	}{ae.msg, ae.msg, ae.fields}
 	respond(w, ae.status, body)
 }
 

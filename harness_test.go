@@ -56,7 +56,16 @@ func runTests(m *testing.M) int {
 	}()
 	u.Path = "/" + name
 	testDatabaseURL = u.String()
-	return m.Run()
+	if err := installContractCheck(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	code := m.Run()
+	if v := contract.since(0); len(v) > 0 && code == 0 {
+		fmt.Fprintf(os.Stderr, "%d responses that docs/openapi.yaml does not allow:\n%s\n", len(v), strings.Join(v, "\n"))
+		code = 1
+	}
+	return code
 }
 
 func randomHex(n int) string {
@@ -130,6 +139,7 @@ func newTestServer(t testing.TB, env ...string) *testServer {
 	}
 	db.SetMaxOpenConns(4)
 	ts.DB = db
+	failOnContractViolations(t)
 	ts.start(t)
 	t.Cleanup(func() {
 		ts.stop(t)

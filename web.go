@@ -36,6 +36,17 @@ func serveWeb(w http.ResponseWriter, r *http.Request) {
 	serveIndex(w, r)
 }
 
+//go:embed docs/openapi.yaml
+var openAPIDocument []byte
+
+// handleOpenAPI serves GET /api/openapi.yaml: the API's contract, docs/openapi.yaml.
+func handleOpenAPI() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/yaml; charset=utf-8")
+		w.Write(openAPIDocument)
+	}
+}
+
 func serveIndex(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-cache")
 	http.ServeFileFS(w, r, webRoot, "index.html")
