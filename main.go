@@ -333,16 +333,13 @@ func (s *server) close() {
 	s.db.Close()
 }
 
-// cleanUp deletes expired idempotency keys and OAuth states once an hour.
+// cleanUp deletes expired idempotency keys once an hour.
 func (s *server) cleanUp(ctx context.Context) {
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
 		if _, err := s.db.ExecContext(ctx, `DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'`); err != nil && ctx.Err() == nil {
 			s.logger.Warn("clean up idempotency keys", "err", err)
-		}
-		if _, err := s.db.ExecContext(ctx, `DELETE FROM oauth_states WHERE expires_at < now()`); err != nil && ctx.Err() == nil {
-			s.logger.Warn("clean up oauth states", "err", err)
 		}
 		select {
 		case <-ctx.Done():

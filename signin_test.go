@@ -1,0 +1,272 @@
+package main
+
+// Tests of signing in: the OAuth state (no storage per start), the browser binding
+// of a GitHub sign-in, client addresses behind trusted proxies, GitHub names that
+// are taken, and the metrics listener.
+
+import (
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// totalRows counts the rows of every table of the public schema, whatever the
+// schema holds, so that a test can tell whether a request wrote anything.
+func totalRows(t testing.TB, db *sql.DB) int64 {
+	t.Helper()
+	var n int64
+	err := db.QueryRow(`SELECT coalesce(sum((xpath('/row/c/text()',
+		query_to_xml(format('SELECT count(*) AS c FROM %I.%I', schemaname, tablename), false, true, '')))[1]::text::bigint), 0)
+		FROM pg_tables WHERE schemaname = 'public'`).Scan(&n)
+	if err != nil {
+		t.Fatalf("count rows: %v", err)
+	}
+	return n
+}
+
+// gitHub is a fake GitHub whose codes name the account they sign in: the code
+// "<id>:<login>" is exchanged for an access token of the same text, and GET /user
+// with that token answers that account. Its authorize page sends the browser
+// straight back to the redirect_uri with the code of the account set by signInAs.
+type gitHub struct {
+	*httptest.Server
+
+	mu sync.Mutex // guards as
+	as string     // the code the authorize page hands out
+}
+
+func newGitHub(t testing.TB) *gitHub {
+	gh := &gitHub{}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /login/oauth/authorize", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		gh.mu.Lock()
+		code := gh.as
+		gh.mu.Unlock()
+		dest := q.Get("redirect_uri") + "?" + url.Values{"code": {code}, "state": {q.Get("state")}}.Encode()
+		http.Redirect(w, r, dest, http.StatusFound)
+	})
+	mux.HandleFunc("POST /login/oauth/access_token", func(w http.ResponseWriter, r *http.Request) {
+		r.ParseForm()
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]string{"access_token": r.Form.Get("code"), "token_type": "bearer"})
+	})
+	mux.HandleFunc("GET /user", func(w http.ResponseWriter, r *http.Request) {
+		id, login, ok := strings.Cut(strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer "), ":")
+		if !ok {
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		fmt.Fprintf(w, `{"id":%s,"login":%q,"avatar_url":"https://avatars.example/u/%s"}`, id, login, id)
+	})
+	gh.Server = httptest.NewServer(mux)
+	t.Cleanup(gh.Close)
+	return gh
+}
+
+// signInAs makes the authorize page sign in as the GitHub account id, login.
+func (gh *gitHub) signInAs(id int64, login string) {
+	gh.mu.Lock()
+	defer gh.mu.Unlock()
+	gh.as = gitHubCode(id, login)
+}
+
+func gitHubCode(id int64, login string) string { return strconv.FormatInt(id, 10) + ":" + login }
+
+// env is the configuration that makes a server sign in with gh.
+func (gh *gitHub) env() []string {
+	return []string{"GITHUB_CLIENT_ID=cid", "GITHUB_CLIENT_SECRET=secret", "GITHUB_WEB_URL=" + gh.URL, "GITHUB_API_URL=" + gh.URL}
+}
+
+// oauthStart starts a GitHub sign-in as a browser holding cookie (none if empty)
+// would; it returns the response, the state sent to GitHub and the cookie value.
+func oauthStart(t testing.TB, ts *testServer, query, cookie string) (res rawResponse, state, browser string) {
+	t.Helper()
+	h := http.Header{}
+	if cookie != "" {
+		h.Set("Cookie", stateCookie+"="+cookie)
+	}
+	res = mustRaw(t, "GET", ts.URL+"/api/oauth/github"+query, nil, h)
+	if res.status != http.StatusFound {
+		return res, "", ""
+	}
+	loc, err := url.Parse(res.header.Get("Location"))
+	if err != nil {
+		t.Fatalf("start: redirect %q: %v", res.header.Get("Location"), err)
+	}
+	for _, c := range (&http.Response{Header: res.header}).Cookies() {
+		if c.Name == stateCookie {
+			browser = c.Value
+		}
+	}
+	return res, loc.Query().Get("state"), browser
+}
+
+// oauthCallback comes back from GitHub with state and code as a browser holding
+// cookie (none if empty) would, and returns the response and the fragment of
+// where it redirects.
+func oauthCallback(t testing.TB, ts *testServer, state, code, cookie string) (rawResponse, url.Values) {
+	t.Helper()
+	h := http.Header{}
+	if cookie != "" {
+		h.Set("Cookie", stateCookie+"="+cookie)
+	}
+	res := mustRaw(t, "GET", ts.URL+"/api/oauth/github/callback?"+url.Values{"state": {state}, "code": {code}}.Encode(), nil, h)
+	loc, _ := url.Parse(res.header.Get("Location"))
+	var frag url.Values
+	if loc != nil {
+		frag, _ = url.ParseQuery(loc.Fragment)
+	}
+	return res, frag
+}
+
+// TestOAuthStartStoresNothing: starting sign-ins writes no row, however many.
+func TestOAuthStartStoresNothing(t *testing.T) {
+	gh := newGitHub(t)
+	ts := newTestServer(t, append(gh.env(), "DATABASE_URL="+privateDatabase(t))...)
+	before := totalRows(t, ts.DB)
+	for i := range 200 {
+		cookie := ""
+		if i%2 == 1 {
+			cookie = newBrowserValue()
+		}
+		if res, state, _ := oauthStart(t, ts, "", cookie); res.status != http.StatusFound || state == "" {
+			t.Fatalf("start %d: got %d %s, want 302 with a state", i, res.status, res.body)
+		}
+	}
+	if after := totalRows(t, ts.DB); after != before {
+		t.Fatalf("got %d rows after 200 starts, want %d as before", after, before)
+	}
+}
+
+// TestOAuthState: the callback takes only a state this server issued, before it
+// expires, in the browser that started the sign-in; and it hands the client's
+// nonce back with the token.
+func TestOAuthState(t *testing.T) {
+	gh := newGitHub(t)
+	key := strings.Repeat("s", 40)
+	ts := newTestServer(t, append(gh.env(), "TOKEN_KEY="+key)...)
+	ghID := time.Now().UnixNano() % 1e12
+	code := gitHubCode(ghID, uniqueName("gh"))
+	nonce := "n0nce-" + randomHex(8)
+
+	// A sign-in that works, carrying the client's nonce; the browser keeps its
+	// cookie value across starts, so two tabs may sign in at once.
+	_, state, browser := oauthStart(t, ts, "?nonce="+nonce, "")
+	_, state2, browser2 := oauthStart(t, ts, "", browser)
+	if browser == "" || browser2 != browser {
+		t.Fatalf("got cookies %q then %q, want one value kept", browser, browser2)
+	}
+	res, frag := oauthCallback(t, ts, state, code, browser)
+	if res.status != http.StatusFound || frag.Get("token") == "" || frag.Get("nonce") != nonce {
+		t.Fatalf("callback: got %d to %s, want 302 with a token and nonce %s", res.status, res.header.Get("Location"), nonce)
+	}
+	if res, frag := oauthCallback(t, ts, state2, code, browser); res.status != http.StatusFound || frag.Has("nonce") {
+		t.Fatalf("second tab: got %d to %s, want 302 without a nonce", res.status, res.header.Get("Location"))
+	}
+
+	other := newOAuthStates([]byte(strings.Repeat("x", 40)))
+	_, fresh, mine := oauthStart(t, ts, "", "")
+	_, _, theirs := oauthStart(t, ts, "", "")
+	for _, tc := range []struct{ name, state, cookie string }{
+		{"another browser", fresh, theirs},
+		{"no cookie", fresh, ""},
+		{"a malformed cookie", fresh, mine + "x"},
+		{"a MAC under another key", other.issue(mine, "", time.Now().Add(time.Minute)), mine},
+		{"a changed nonce", strings.Replace(fresh, ".", ".A", 2), mine},
+		{"an expired state", newOAuthStates([]byte(key)).issue(mine, "", time.Now().Add(-time.Second)), mine},
+		{"an empty state", "", mine},
+		{"garbage", "a.b.c.d.e", mine},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res, frag := oauthCallback(t, ts, tc.state, code, tc.cookie)
+			if res.status != http.StatusBadRequest || frag.Has("token") {
+				t.Fatalf("got %d %s, want 400", res.status, res.body)
+			}
+		})
+	}
+	// The same state, signed with the right key and not yet expired, works.
+	if res, _ := oauthCallback(t, ts, newOAuthStates([]byte(key)).issue(mine, "", time.Now().Add(time.Minute)), code, mine); res.status != http.StatusFound {
+		t.Fatalf("valid state: got %d %s, want 302", res.status, res.body)
+	}
+
+	// A malformed client nonce is refused at the start.
+	for _, bad := range []string{"short", strings.Repeat("a", 65), "has.dot.in.it.abcdef", "spaces%20are%20not%20ok"} {
+		if res, _, _ := oauthStart(t, ts, "?nonce="+bad, ""); res.status != http.StatusBadRequest {
+			t.Errorf("nonce %q: got %d, want 400", bad, res.status)
+		}
+	}
+}
+
+// TestGitHubNameTaken: a person whose GitHub login, and login-id, belong to other
+// accounts still signs in, under a name chosen the same way each time.
+func TestGitHubNameTaken(t *testing.T) {
+	gh := newGitHub(t)
+	ts := newTestServer(t, gh.env()...)
+	signIn := func(id int64, login string) apiUser {
+		t.Helper()
+		_, state, browser := oauthStart(t, ts, "", "")
+		res, frag := oauthCallback(t, ts, state, gitHubCode(id, login), browser)
+		if res.status != http.StatusFound {
+			t.Fatalf("sign in as %s: got %d %s, want 302", login, res.status, res.body)
+		}
+		var u apiUser
+		(&client{t: t, base: ts.URL, Token: frag.Get("token")}).mustDo("GET", "/api/auth_user", nil, http.StatusOK, &u)
+		return u
+	}
+	id := 1e11 + time.Now().UnixNano()%1e11 // 12 digits: "-<id>" is 13 characters
+	long := "L" + randomHex(19)             // 39 characters
+	for _, tc := range []struct {
+		login string
+		taken []string
+		want  string
+	}{
+		{"o" + randomHex(4), []string{"{login}", "{login}-{id}"}, "{login}-{id}-2"},
+		{"o" + randomHex(4), []string{"{login}", "{login}-{id}", "{login}-{id}-2", "{login}-{id}-3"}, "{login}-{id}-4"},
+		{long, []string{long, long[:39-13] + "-{id}", long[:39-15] + "-{id}-2"}, long[:39-15] + "-{id}-3"},
+	} {
+		id++
+		name := func(s string) string {
+			return strings.NewReplacer("{login}", tc.login, "{id}", strconv.FormatInt(id, 10)).Replace(s)
+		}
+		for _, taken := range tc.taken {
+			ts.login(t, name(taken))
+		}
+		u := signIn(id, tc.login)
+		if want := name(tc.want); u.Username != want {
+			t.Fatalf("login %s with %v taken: got %q, want %q", tc.login, tc.taken, u.Username, want)
+		}
+		if again := signIn(id, tc.login); again.ID != u.ID || again.Username != u.Username {
+			t.Fatalf("second sign-in: got %+v, want %+v", again, u)
+		}
+	}
+}
+
+// BenchmarkOAuthStart measures GET /api/oauth/github from one client, one request
+// at a time, and reports the rows each start leaves in the database.
+//
+//	go test -run '^$' -bench BenchmarkOAuthStart -benchtime 5000x .
+func BenchmarkOAuthStart(b *testing.B) {
+	gh := newGitHub(b)
+	ts := newTestServer(b, append(gh.env(), "DATABASE_URL="+privateDatabase(b), "LOG_FORMAT=json")...)
+	before := totalRows(b, ts.DB)
+	start := time.Now()
+	b.ResetTimer()
+	for range b.N {
+		res, err := rawDo("GET", ts.URL+"/api/oauth/github", nil, nil)
+		if err != nil || res.status != http.StatusFound {
+			b.Fatalf("start: %v %d", err, res.status)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "starts/s")
+	b.ReportMetric(float64(totalRows(b, ts.DB)-before)/float64(b.N), "rows/start")
+}
