@@ -287,6 +287,17 @@ func (s *server) handleGitHubCallback() http.HandlerFunc {
 			s.respondError(w, r, badState)
 			return
 		}
+		dest := s.cfg.origin.ResolveReference(&url.URL{Path: "/callback"})
+		if q.Get("error") != "" {
+			// GitHub sent the person back without a code (they declined, say); the
+			// web client shows its own text for the code, never GitHub's.
+			reason := "sign_in_failed"
+			if q.Get("error") == "access_denied" {
+				reason = "access_denied"
+			}
+			http.Redirect(w, r, dest.String()+"#error="+reason, http.StatusFound)
+			return
+		}
 		if code == "" || len(code) > 512 {
 			s.respondError(w, r, &apiError{status: http.StatusBadRequest, msg: "missing code"})
 			return
@@ -309,7 +320,6 @@ func (s *server) handleGitHubCallback() http.HandlerFunc {
 		if nonce != "" {
 			frag.Set("nonce", nonce)
 		}
-		dest := s.cfg.origin.ResolveReference(&url.URL{Path: "/callback"})
 		http.Redirect(w, r, dest.String()+"#"+frag.Encode(), http.StatusFound)
 	}
 }
