@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -205,15 +204,6 @@ func (s *server) handleRefreshToken() http.HandlerFunc {
 		token, exp := s.tokens.issue(me, time.Now())
 		respond(w, http.StatusOK, response{Token: token, ExpiresAt: exp.UTC()})
 	}
-}
-
-// clientIP is the peer's address, the key of per-client limits before sign-in.
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
-	return host
 }
 
 const stateCookie = "oauth_state"

@@ -32,7 +32,7 @@ func (s *server) routes() http.Handler {
 	r := way.NewRouter()
 	s.addRoutes(r)
 	r.NotFound = s.instrument("(not found)", http.HandlerFunc(s.handleNotFound))
-	return s.recoverPanics(s.securityHeaders(s.cors(r)))
+	return s.recoverPanics(s.clientAddress(s.securityHeaders(s.cors(r))))
 }
 
 // addRoutes lists every route of the server.
@@ -301,7 +301,7 @@ func (s *server) instrument(route string, h http.Handler) http.Handler {
 			s.metrics.observeRequest(route, r.Method, rec.status, d)
 			// The path is logged without its query: ?token= must never reach a log.
 			s.logger.Info("request", "method", r.Method, "route", route, "path", r.URL.Path,
-				"status", rec.status, "duration", d.Round(time.Microsecond))
+				"status", rec.status, "duration", d.Round(time.Microsecond), "client", clientIP(r))
 		}()
 		h.ServeHTTP(rec, r)
 	})

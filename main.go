@@ -16,6 +16,7 @@ import (
 	"net"
 	"net/http"
 	_ "net/http/pprof" // served only on PPROF_ADDR
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -67,6 +68,9 @@ type config struct {
 
 	logFormat string
 	pprofAddr string // where to serve net/http/pprof; empty: nowhere
+
+	trustedProxies []netip.Prefix // peers whose X-Forwarded-For or Forwarded is believed
+	metricsAddr    string         // where to serve /metrics; empty: on the public listener
 }
 
 // loadConfig reads the configuration from getenv, with the documented defaults.
@@ -130,6 +134,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.rateLogins, err = parseRate(getenv, "RATE_LIMIT_LOGINS", "1/s,10"); err != nil {
+		return cfg, err
+	}
+	if cfg.trustedProxies, err = parseTrustedProxies(getenv("TRUSTED_PROXIES")); err != nil {
 		return cfg, err
 	}
 	if cfg.logFormat != "text" && cfg.logFormat != "json" {

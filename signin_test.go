@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -269,4 +270,115 @@ func BenchmarkOAuthStart(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "starts/s")
 	b.ReportMetric(float64(totalRows(b, ts.DB)-before)/float64(b.N), "rows/start")
+}
+
+// requestClient sends GET /api/probe/<n> with header and returns the client
+// address the server's request log names for it.
+func requestClient(t *testing.T, ts *testServer, n int, header http.Header) string {
+	t.Helper()
+	path := "/api/probe/" + strconv.Itoa(n)
+	mustRaw(t, "GET", ts.URL+path, nil, header)
+	re := regexp.MustCompile(`path=` + regexp.QuoteMeta(path) + ` .*client="?([^"\s]+)`)
+	var got string
+	waitFor(t, 10*time.Second, "the log line of "+path, func() bool {
+		m := re.FindStringSubmatch(ts.logs.String())
+		if m != nil {
+			got = m[1]
+		}
+		return m != nil
+	})
+	return got
+}
+
+// TestTrustedProxies: behind a trusted proxy the client is the rightmost
+// forwarded address that is not a trusted proxy, for the sign-in limit and the
+// log; from any other peer the same headers change nothing.
+func TestTrustedProxies(t *testing.T) {
+	h := func(kv ...string) http.Header {
+		hdr := http.Header{}
+		for i := 0; i < len(kv); i += 2 {
+			hdr.Add(kv[i], kv[i+1])
+		}
+		return hdr
+	}
+	const xff, fwd = "X-Forwarded-For", "Forwarded"
+	trusted := newTestServer(t, "TRUSTED_PROXIES=127.0.0.1/32, 10.0.0.0/8 ,::1")
+	for i, tc := range []struct {
+		name   string
+		header http.Header
+		want   string
+	}{
+		{"no header", h(), "127.0.0.1"},
+		{"one address", h(xff, "198.51.100.7"), "198.51.100.7"},
+		{"a spoofed address left of the client", h(xff, "203.0.113.9, 198.51.100.7"), "198.51.100.7"},
+		{"a trusted hop right of the client", h(xff, "203.0.113.9,198.51.100.7, 10.1.2.3"), "198.51.100.7"},
+		{"two header lines", h(xff, "203.0.113.9", xff, "198.51.100.7, 10.0.0.2"), "198.51.100.7"},
+		{"only trusted hops", h(xff, "10.0.0.5, 10.0.0.6"), "10.0.0.5"},
+		{"IPv6", h(xff, "2001:db8::1"), "2001:db8::1"},
+		{"IPv6 with a port", h(xff, "[2001:db8::1]:4711"), "2001:db8::1"},
+		{"IPv4 with a port", h(xff, "198.51.100.7:4711"), "198.51.100.7"},
+		{"IPv4-mapped IPv6", h(xff, "::ffff:198.51.100.7"), "198.51.100.7"},
+		{"garbage beyond the client", h(xff, "garbage, 198.51.100.7"), "198.51.100.7"},
+		{"Forwarded", h(fwd, "for=198.51.100.7;proto=https"), "198.51.100.7"},
+		{"Forwarded, quoted IPv6 with a port", h(fwd, `for="[2001:db8:cafe::17]:4711"`), "2001:db8:cafe::17"},
+		{"Forwarded, several elements", h(fwd, `for=203.0.113.9, For="198.51.100.7";by=10.0.0.1, for=10.0.0.1`), "198.51.100.7"},
+		{"Forwarded, a quoted comma", h(fwd, `for=198.51.100.7;x="a,b"`), "198.51.100.7"},
+		{"X-Forwarded-For over Forwarded", h(fwd, "for=203.0.113.9", xff, "198.51.100.7"), "198.51.100.7"},
+		// A header that cannot be read up to the client leaves the peer.
+		{"malformed", h(xff, "not-an-address"), "127.0.0.1"},
+		{"malformed right of the client", h(xff, "198.51.100.7, garbage"), "127.0.0.1"},
+		{"empty", h(xff, ""), "127.0.0.1"},
+		{"empty entry", h(xff, "198.51.100.7,,"), "127.0.0.1"},
+		{"a CIDR", h(xff, "198.51.100.0/24"), "127.0.0.1"},
+		{"Forwarded, unknown", h(fwd, "for=unknown"), "127.0.0.1"},
+		{"Forwarded, obfuscated", h(fwd, `for="_hidden"`), "127.0.0.1"},
+		{"Forwarded without for", h(fwd, "proto=https;by=10.0.0.1"), "127.0.0.1"},
+		{"Forwarded, unterminated quote", h(fwd, `for="198.51.100.7`), "127.0.0.1"},
+		{"long", h(xff, strings.Repeat("garbage, ", 2000)+"198.51.100.7"), "198.51.100.7"},
+	} {
+		if got := requestClient(t, trusted, i, tc.header); got != tc.want {
+			t.Errorf("trusted peer, %s: got client %s, want %s", tc.name, got, tc.want)
+		}
+	}
+
+	// The same headers from a peer that is not trusted change nothing.
+	untrusted := newTestServer(t, "TRUSTED_PROXIES=10.0.0.0/8")
+	plain := newTestServer(t)
+	for i, hdr := range []http.Header{h(xff, "198.51.100.7"), h(fwd, "for=198.51.100.7"), h(xff, "10.0.0.1")} {
+		for _, ts := range []*testServer{untrusted, plain} {
+			if got := requestClient(t, ts, i, hdr); got != "127.0.0.1" {
+				t.Errorf("untrusted peer, %v: got client %s, want 127.0.0.1", hdr, got)
+			}
+		}
+	}
+
+	// The sign-in limit: per forwarded client behind a trusted proxy, shared by the
+	// peer otherwise. Two sign-ins per client, then none for an hour.
+	login := func(ts *testServer, forwardedFor string) int {
+		return mustRaw(t, "POST", ts.URL+"/api/login", []byte(`{"username":"`+uniqueName("p")+`"}`),
+			jsonHeader("", "X-Forwarded-For: "+forwardedFor)).status
+	}
+	for _, tc := range []struct {
+		name    string
+		proxies string
+		want    []int // for clients .1, .1, .1, .2
+	}{
+		{"trusted", "127.0.0.1/32", []int{200, 200, 429, 200}},
+		{"untrusted", "10.0.0.0/8", []int{200, 200, 429, 429}},
+	} {
+		ts := newTestServer(t, "DATABASE_URL="+privateDatabase(t), "RATE_LIMIT_LOGINS=1/h,2", "TRUSTED_PROXIES="+tc.proxies)
+		var got []int
+		for _, client := range []string{"198.51.100.1", "198.51.100.1", "198.51.100.1", "198.51.100.2"} {
+			got = append(got, login(ts, client))
+		}
+		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%s proxy: got statuses %v, want %v", tc.name, got, tc.want)
+		}
+	}
+
+	if _, err := loadConfig(func(k string) string {
+		return map[string]string{"DEV_LOGIN": "true", "TRUSTED_PROXIES": "10.0.0.0/8,10.0.0.300"}[k]
+	}); err == nil || !strings.Contains(err.Error(), "TRUSTED_PROXIES") {
+		t.Errorf("TRUSTED_PROXIES with a bad entry: got %v, want an error naming it", err)
+	}
 }
