@@ -64,7 +64,12 @@ func (s *server) addRoutes(r *way.Router) {
 
 	handle("GET", "/healthz", s.handleHealthz())
 	handle("GET", "/readyz", s.handleReadyz())
-	r.Handle("GET", "/metrics", s.metrics.handler())
+	if s.cfg.metricsAddr == "" {
+		r.Handle("GET", "/metrics", s.metrics.handler())
+	} else {
+		// Served on METRICS_ADDR only (see serveMetrics).
+		handle("GET", "/metrics", func(w http.ResponseWriter, r *http.Request) { s.respondError(w, r, errNotFound) })
+	}
 }
 
 // requestTimeout bounds every request but the event stream, so that a database

@@ -83,6 +83,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		githubAPIURL:       strings.TrimSuffix(orDefault(getenv("GITHUB_API_URL"), "https://api.github.com"), "/"),
 		logFormat:          orDefault(getenv("LOG_FORMAT"), "text"),
 		pprofAddr:          getenv("PPROF_ADDR"),
+		metricsAddr:        getenv("METRICS_ADDR"),
 	}
 	if cfg.databaseURL == "" {
 		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
@@ -138,6 +139,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if cfg.trustedProxies, err = parseTrustedProxies(getenv("TRUSTED_PROXIES")); err != nil {
 		return cfg, err
+	}
+	if _, _, err := net.SplitHostPort(cfg.metricsAddr); cfg.metricsAddr != "" && err != nil {
+		return cfg, fmt.Errorf("METRICS_ADDR %q: want host:port, such as 127.0.0.1:9090", cfg.metricsAddr)
 	}
 	if cfg.logFormat != "text" && cfg.logFormat != "json" {
 		return cfg, fmt.Errorf("LOG_FORMAT %q: want text or json", cfg.logFormat)
@@ -214,6 +218,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		defer pl.Close()
 		// The profiler has its own listener, never the public one.
 		go http.Serve(pl, http.DefaultServeMux)
+	}
+	if cfg.metricsAddr != "" {
+		stop, err := srv.serveMetrics(cfg.metricsAddr)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		defer stop()
+		fmt.Fprintf(stdout, "messenger serving /metrics on http://%s\n", cfg.metricsAddr)
 	}
 	fmt.Fprintf(stdout, "messenger listening on http://%s\n", ln.Addr())
 	return srv.serve(ctx, ln)
@@ -328,6 +341,30 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 		return errors.New("shutdown: streams did not end in time")
 	}
 	return nil
+}
+
+// serveMetrics serves /metrics on its own listener at addr, which the public one
+// then does not. stop closes it and waits until it has stopped.
+func (s *server) serveMetrics(addr string) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", s.metrics.handler())
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelWarn)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := hs.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			s.logger.Error("serve metrics", "err", err)
+		}
+	}()
+	return func() {
+		hs.Close()
+		<-done
+	}, nil
 }
 
 // close stops the background work (the send workers finish their batches, the

@@ -382,3 +382,46 @@ func TestTrustedProxies(t *testing.T) {
 		t.Errorf("TRUSTED_PROXIES with a bad entry: got %v, want an error naming it", err)
 	}
 }
+
+// TestMetricsAddr: with METRICS_ADDR, /metrics is served there and not on the
+// public listener, and its listener starts and stops with the server.
+func TestMetricsAddr(t *testing.T) {
+	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	ts := newTestServer(t, "METRICS_ADDR="+addr)
+	private := func() (rawResponse, error) { return rawDo("GET", "http://"+addr+"/metrics", nil, nil) }
+
+	res, err := private()
+	if err != nil || res.status != http.StatusOK || !strings.Contains(string(res.body), "messenger_streams_open") {
+		t.Fatalf("GET /metrics on METRICS_ADDR: got %d, %v, want 200 with the metrics", res.status, err)
+	}
+	if res := mustRaw(t, "GET", ts.URL+"/metrics", nil, nil); res.status != http.StatusNotFound || strings.Contains(string(res.body), "messenger_") {
+		t.Fatalf("GET /metrics on the public listener: got %d %.100s, want 404", res.status, res.body)
+	}
+	// Only /metrics is on the private listener.
+	if other, err := rawDo("GET", "http://"+addr+"/api/conversations", nil, nil); err != nil || other.status != http.StatusNotFound {
+		t.Fatalf("GET /api/conversations on METRICS_ADDR: got %d, %v, want 404", other.status, err)
+	}
+
+	// It stops with the server, freeing its port, and comes back with it.
+	if err := ts.stop(t); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	if _, err := private(); err == nil {
+		t.Fatal("METRICS_ADDR still answers after the server stopped")
+	}
+	ts.start(t)
+	if res, err := private(); err != nil || res.status != http.StatusOK {
+		t.Fatalf("GET /metrics after a restart: got %d, %v, want 200", res.status, err)
+	}
+
+	// Unset, /metrics stays on the public listener.
+	plain := newTestServer(t)
+	if res := mustRaw(t, "GET", plain.URL+"/metrics", nil, nil); res.status != http.StatusOK || !strings.Contains(string(res.body), "messenger_streams_open") {
+		t.Fatalf("GET /metrics without METRICS_ADDR: got %d, want 200 with the metrics", res.status)
+	}
+	if _, err := loadConfig(func(k string) string {
+		return map[string]string{"DEV_LOGIN": "true", "METRICS_ADDR": "9090"}[k]
+	}); err == nil || !strings.Contains(err.Error(), "METRICS_ADDR") {
+		t.Errorf("METRICS_ADDR without a host: got %v, want an error naming it", err)
+	}
+}
