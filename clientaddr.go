@@ -63,7 +63,7 @@ func (s *server) clientAddress(h http.Handler) http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		peer := peerIP(r)
-		if addr, err := netip.ParseAddr(peer); err == nil && s.trusted(addr.Unmap()) {
+		if addr, err := netip.ParseAddr(peer); err == nil && s.trusted(addr.Unmap().WithZone("")) {
 			if client, ok := s.forwardedClient(r.Header); ok {
 				r = r.WithContext(context.WithValue(r.Context(), clientAddrKey{}, client))
 			}
@@ -118,10 +118,10 @@ func (s *server) forwardedClient(h http.Header) (string, bool) {
 func parseHop(s string) (netip.Addr, bool) {
 	s = strings.TrimSpace(s)
 	if a, err := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")); err == nil {
-		return a.Unmap(), true
+		return a.Unmap().WithZone(""), true
 	}
 	if ap, err := netip.ParseAddrPort(s); err == nil {
-		return ap.Addr().Unmap(), true
+		return ap.Addr().Unmap().WithZone(""), true
 	}
 	return netip.Addr{}, false
 }

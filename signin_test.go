@@ -318,6 +318,7 @@ func TestTrustedProxies(t *testing.T) {
 		{"IPv6 with a port", h(xff, "[2001:db8::1]:4711"), "2001:db8::1"},
 		{"IPv4 with a port", h(xff, "198.51.100.7:4711"), "198.51.100.7"},
 		{"IPv4-mapped IPv6", h(xff, "::ffff:198.51.100.7"), "198.51.100.7"},
+		{"IPv6 with a zone", h(xff, "fe80::1%eth0"), "fe80::1"},
 		{"garbage beyond the client", h(xff, "garbage, 198.51.100.7"), "198.51.100.7"},
 		{"Forwarded", h(fwd, "for=198.51.100.7;proto=https"), "198.51.100.7"},
 		{"Forwarded, quoted IPv6 with a port", h(fwd, `for="[2001:db8:cafe::17]:4711"`), "2001:db8:cafe::17"},
