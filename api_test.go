@@ -419,7 +419,7 @@ func TestIdempotentSend(t *testing.T) {
 }
 
 // fakeGitHub serves the three GitHub endpoints sign-in uses.
-func fakeGitHub(t *testing.T, id int64, login string) *httptest.Server {
+func fakeGitHub(t testing.TB, id int64, login string) *httptest.Server {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /login/oauth/access_token", func(w http.ResponseWriter, r *http.Request) {
 		r.ParseForm()
@@ -504,8 +504,11 @@ func TestGitHubSignIn(t *testing.T) {
 		t.Fatalf("got %+v, want %s with avatar", u, login)
 	}
 
-	// The state is single use.
-	if resp := callback(state, "good-code", cookie); resp.StatusCode != http.StatusBadRequest {
+	// The callback clears the browser's state cookie, so the state cannot come back.
+	if cleared := resp.Cookies(); len(cleared) != 1 || cleared[0].Name != stateCookie || cleared[0].MaxAge >= 0 {
+		t.Fatalf("callback: got cookies %v, want %s cleared", cleared, stateCookie)
+	}
+	if resp := callback(state, "good-code", nil); resp.StatusCode != http.StatusBadRequest {
 		t.Fatalf("replayed state: got %d, want 400", resp.StatusCode)
 	}
 	// A forged state, or one without its cookie, is refused.

@@ -3,16 +3,12 @@ package main
 import (
 	"context"
 	"crypto/hmac"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -210,15 +206,6 @@ func (s *server) handleRefreshToken() http.HandlerFunc {
 	}
 }
 
-// clientIP is the peer's address, the key of per-client limits before sign-in.
-func clientIP(r *http.Request) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		return r.RemoteAddr
-	}
-	return host
-}
-
 const stateCookie = "oauth_state"
 
 // githubOAuth returns the OAuth2 configuration for GitHub, or nil when GitHub
@@ -238,44 +225,38 @@ func (s *server) githubOAuth() *oauth2.Config {
 	}
 }
 
-// handleGitHubStart serves GET /api/oauth/github: it records a fresh state, binds
-// it to the browser with a signed HttpOnly cookie and redirects to GitHub.
+// handleGitHubStart serves GET /api/oauth/github[?nonce=]: it binds the sign-in
+// to the browser with an HttpOnly cookie and redirects to GitHub with a signed
+// state (see oauthStates), storing nothing. nonce is the web client's, handed back
+// with the token so that the client accepts only sign-ins it started.
 func (s *server) handleGitHubStart() http.HandlerFunc {
+	states := newOAuthStates(s.cfg.tokenKey)
 	return func(w http.ResponseWriter, r *http.Request) {
 		conf := s.githubOAuth()
 		if conf == nil {
 			s.respondError(w, r, &apiError{status: http.StatusNotFound, msg: "GitHub sign-in is not configured"})
 			return
 		}
-		b := make([]byte, 24)
-		rand.Read(b)
-		state := hex.EncodeToString(b)
-		const ttl = 10 * time.Minute
-		if _, err := s.db.ExecContext(r.Context(),
-			`INSERT INTO oauth_states (state, expires_at) VALUES ($1, now() + $2 * interval '1 second')`,
-			state, int(ttl.Seconds())); err != nil {
-			s.respondError(w, r, fmt.Errorf("save oauth state: %w", err))
+		nonce := r.URL.Query().Get("nonce")
+		if !validClientNonce(nonce) {
+			s.respondError(w, r, &apiError{status: http.StatusBadRequest, msg: "nonce must be 16 to 64 letters, digits, '-' or '_'"})
 			return
 		}
-		http.SetCookie(w, &http.Cookie{
-			Name:     stateCookie,
-			Value:    state + "." + base64.RawURLEncoding.EncodeToString(s.tokens.sign("oauth:"+state)),
-			Path:     "/api/oauth/github",
-			MaxAge:   int(ttl.Seconds()),
-			HttpOnly: true,
-			Secure:   s.cfg.origin.Scheme == "https",
-			SameSite: http.SameSiteLaxMode,
-		})
+		cookie := s.stateCookieFor(r)
+		http.SetCookie(w, cookie)
+		state := states.issue(cookie.Value, nonce, time.Now().Add(oauthStateTTL))
 		http.Redirect(w, r, conf.AuthCodeURL(state), http.StatusFound)
 	}
 }
 
 // handleGitHubCallback serves GET /api/oauth/github/callback: it checks the state
-// against the cookie and spends it, exchanges the code, finds or creates the user
-// by GitHub id and redirects to the web client with a token.
+// against the browser's cookie (and clears the cookie), exchanges the code, finds
+// or creates the user by GitHub id and redirects to the web client with a token
+// and the client's nonce.
 func (s *server) handleGitHubCallback() http.HandlerFunc {
 	badState := &apiError{status: http.StatusBadRequest, msg: "invalid or expired OAuth state; start the sign-in again"}
 	githubFailed := &apiError{status: http.StatusBadGateway, msg: "GitHub sign-in failed; try again"}
+	states := newOAuthStates(s.cfg.tokenKey)
 	return func(w http.ResponseWriter, r *http.Request) {
 		conf := s.githubOAuth()
 		if conf == nil {
@@ -286,17 +267,25 @@ func (s *server) handleGitHubCallback() http.HandlerFunc {
 		state, code := q.Get("state"), q.Get("code")
 		http.SetCookie(w, &http.Cookie{Name: stateCookie, Path: "/api/oauth/github", MaxAge: -1, HttpOnly: true,
 			Secure: s.cfg.origin.Scheme == "https", SameSite: http.SameSiteLaxMode})
-		if !s.validStateCookie(r, state) {
+		var nonce string
+		c, err := r.Cookie(stateCookie)
+		ok := err == nil
+		if ok {
+			nonce, ok = states.check(state, c.Value, time.Now())
+		}
+		if !ok {
 			s.respondError(w, r, badState)
 			return
 		}
-		res, err := s.db.ExecContext(r.Context(), `DELETE FROM oauth_states WHERE state = $1 AND expires_at > now()`, state)
-		if err != nil {
-			s.respondError(w, r, fmt.Errorf("spend oauth state: %w", err))
-			return
-		}
-		if n, _ := res.RowsAffected(); n != 1 {
-			s.respondError(w, r, badState)
+		dest := s.cfg.origin.ResolveReference(&url.URL{Path: "/callback"})
+		if q.Get("error") != "" {
+			// GitHub sent the person back without a code (they declined, say); the
+			// web client shows its own text for the code, never GitHub's.
+			reason := "sign_in_failed"
+			if q.Get("error") == "access_denied" {
+				reason = "access_denied"
+			}
+			http.Redirect(w, r, dest.String()+"#error="+reason, http.StatusFound)
 			return
 		}
 		if code == "" || len(code) > 512 {
@@ -317,23 +306,12 @@ func (s *server) handleGitHubCallback() http.HandlerFunc {
 			return
 		}
 		token, exp := s.tokens.issue(user.ID, time.Now())
-		frag := url.Values{"token": {token}, "expires_at": {exp.UTC().Format(time.RFC3339)}}.Encode()
-		dest := s.cfg.origin.ResolveReference(&url.URL{Path: "/callback"})
-		http.Redirect(w, r, dest.String()+"#"+frag, http.StatusFound)
+		frag := url.Values{"token": {token}, "expires_at": {exp.UTC().Format(time.RFC3339)}}
+		if nonce != "" {
+			frag.Set("nonce", nonce)
+		}
+		http.Redirect(w, r, dest.String()+"#"+frag.Encode(), http.StatusFound)
 	}
-}
-
-// validStateCookie reports whether the request's state cookie is ours and names
-// state.
-func (s *server) validStateCookie(r *http.Request, state string) bool {
-	c, err := r.Cookie(stateCookie)
-	if err != nil || state == "" {
-		return false
-	}
-	cState, sig64, ok := strings.Cut(c.Value, ".")
-	sig, err := base64.RawURLEncoding.DecodeString(sig64)
-	return ok && err == nil && hmac.Equal(sig, s.tokens.sign("oauth:"+cState)) &&
-		subtle.ConstantTimeCompare([]byte(cState), []byte(state)) == 1
 }
 
 // githubUser is the part of GitHub's GET /user this server uses.

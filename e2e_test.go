@@ -897,7 +897,11 @@ func TestE2ESignIn(t *testing.T) {
 	gina.mustDo("POST", "/api/refresh_token", nil, http.StatusOK, &auth)
 
 	b := newBrowser(t, ts, "gina", phone)
-	b.do("land on the OAuth callback", chromedp.Navigate(ts.URL+"/callback#token="+url.QueryEscape(auth.Token)+"&expires_at="+url.QueryEscape(auth.ExpiresAt)))
+	// The tab stored the nonce it left for GitHub with (see TestE2EGitHubSignIn).
+	b.do("leave for GitHub", chromedp.Navigate(ts.URL+"/login"),
+		chromedp.Evaluate[chromedp.Void](`sessionStorage.setItem('messenger.githubNonce', 'n0nce-of-this-tab')`))
+	b.do("land on the OAuth callback", chromedp.Navigate(ts.URL+"/callback#token="+url.QueryEscape(auth.Token)+
+		"&expires_at="+url.QueryEscape(auth.ExpiresAt)+"&nonce=n0nce-of-this-tab"))
 	b.waitUntil("the home page shows, the token gone from the address", `location.pathname === '/' && location.hash === '' &&
 		document.querySelector('#new-conversation-form') !== null && JSON.parse(localStorage.getItem('messenger.auth')).token.length > 0`)
 	b.do("sign out", chromedp.Click(chromedp.CSS("#sign-out")))

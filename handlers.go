@@ -32,7 +32,7 @@ func (s *server) routes() http.Handler {
 	r := way.NewRouter()
 	s.addRoutes(r)
 	r.NotFound = s.instrument("(not found)", http.HandlerFunc(s.handleNotFound))
-	return s.recoverPanics(s.securityHeaders(s.cors(r)))
+	return s.recoverPanics(s.clientAddress(s.securityHeaders(s.cors(r))))
 }
 
 // addRoutes lists every route of the server.
@@ -65,7 +65,12 @@ func (s *server) addRoutes(r *way.Router) {
 	handle("GET", "/api/openapi.yaml", handleOpenAPI())
 	handle("GET", "/healthz", s.handleHealthz())
 	handle("GET", "/readyz", s.handleReadyz())
-	r.Handle("GET", "/metrics", s.metrics.handler())
+	if s.cfg.metricsAddr == "" {
+		r.Handle("GET", "/metrics", s.metrics.handler())
+	} else {
+		// Served on METRICS_ADDR only (see serveMetrics).
+		handle("GET", "/metrics", func(w http.ResponseWriter, r *http.Request) { s.respondError(w, r, errNotFound) })
+	}
 }
 
 // requestTimeout bounds every request but the event stream, so that a database
@@ -305,7 +310,7 @@ func (s *server) instrument(route string, h http.Handler) http.Handler {
 			s.metrics.observeRequest(route, r.Method, rec.status, d)
 			// The path is logged without its query: ?token= must never reach a log.
 			s.logger.Info("request", "method", r.Method, "route", route, "path", r.URL.Path,
-				"status", rec.status, "duration", d.Round(time.Microsecond))
+				"status", rec.status, "duration", d.Round(time.Microsecond), "client", clientIP(r))
 		}()
 		h.ServeHTTP(rec, r)
 	})

@@ -50,20 +50,20 @@ func privateDatabase(t testing.TB) string {
 // read marks). Two equal fingerprints mean nothing was written in between.
 func dbFingerprint(t testing.TB, db *sql.DB) string {
 	t.Helper()
-	var v [11]int64
+	var v [10]int64
 	err := db.QueryRow(`SELECT
 		(SELECT count(*) FROM users), (SELECT coalesce(sum(event_seq), 0) FROM users),
 		(SELECT count(*) FROM conversations), (SELECT count(*) FROM participants),
 		(SELECT coalesce(sum(unread_count), 0) FROM participants),
 		(SELECT count(messages_read_at) FROM participants),
 		(SELECT count(*) FROM messages), (SELECT count(*) FROM events),
-		(SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM oauth_states),
-		(SELECT count(*) FROM settings)`).Scan(&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9], &v[10])
+		(SELECT count(*) FROM idempotency_keys), (SELECT count(*) FROM settings)`).Scan(
+		&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9])
 	if err != nil {
 		t.Fatalf("database fingerprint: %v", err)
 	}
-	return fmt.Sprintf("users=%d event_seq=%d conversations=%d participants=%d unread=%d reads=%d messages=%d events=%d idempotency_keys=%d oauth_states=%d settings=%d",
-		v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10])
+	return fmt.Sprintf("users=%d event_seq=%d conversations=%d participants=%d unread=%d reads=%d messages=%d events=%d idempotency_keys=%d settings=%d",
+		v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9])
 }
 
 // rawResponse is a response read whole.

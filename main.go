@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	_ "net/http/pprof" // served only on PPROF_ADDR
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -63,6 +64,9 @@ type config struct {
 
 	logFormat string
 	pprofAddr string // where to serve net/http/pprof; empty: nowhere
+
+	trustedProxies []netip.Prefix // peers whose X-Forwarded-For or Forwarded is believed
+	metricsAddr    string         // where to serve /metrics; empty: on the public listener
 }
 
 // loadConfig reads the configuration from getenv, with the documented defaults.
@@ -75,6 +79,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		githubAPIURL:       strings.TrimSuffix(orDefault(getenv("GITHUB_API_URL"), "https://api.github.com"), "/"),
 		logFormat:          orDefault(getenv("LOG_FORMAT"), "text"),
 		pprofAddr:          getenv("PPROF_ADDR"),
+		metricsAddr:        getenv("METRICS_ADDR"),
 	}
 	if cfg.databaseURL == "" {
 		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
@@ -127,6 +132,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if cfg.rateLogins, err = parseRate(getenv, "RATE_LIMIT_LOGINS", "1/s,10"); err != nil {
 		return cfg, err
+	}
+	if cfg.trustedProxies, err = parseTrustedProxies(getenv("TRUSTED_PROXIES")); err != nil {
+		return cfg, err
+	}
+	if _, _, err := net.SplitHostPort(cfg.metricsAddr); cfg.metricsAddr != "" && err != nil {
+		return cfg, fmt.Errorf("METRICS_ADDR %q: want host:port, such as 127.0.0.1:9090", cfg.metricsAddr)
 	}
 	if cfg.logFormat != "text" && cfg.logFormat != "json" {
 		return cfg, fmt.Errorf("LOG_FORMAT %q: want text or json", cfg.logFormat)
@@ -203,6 +214,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		defer pl.Close()
 		// The profiler has its own listener, never the public one.
 		go http.Serve(pl, http.DefaultServeMux)
+	}
+	if cfg.metricsAddr != "" {
+		stop, err := srv.serveMetrics(cfg.metricsAddr)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		defer stop()
+		fmt.Fprintf(stdout, "messenger serving /metrics on http://%s\n", cfg.metricsAddr)
 	}
 	fmt.Fprintf(stdout, "messenger listening on http://%s\n", ln.Addr())
 	return srv.serve(ctx, ln)
@@ -319,6 +339,30 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	return nil
 }
 
+// serveMetrics serves /metrics on its own listener at addr, which the public one
+// then does not. stop closes it and waits until it has stopped.
+func (s *server) serveMetrics(addr string) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", s.metrics.handler())
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
+		ErrorLog: slog.NewLogLogger(s.logger.Handler(), slog.LevelWarn)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := hs.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			s.logger.Error("serve metrics", "err", err)
+		}
+	}()
+	return func() {
+		hs.Close()
+		<-done
+	}, nil
+}
+
 // close stops the background work (the send workers finish their batches, the
 // notifier sends what is queued) and closes the database. It runs after the HTTP
 // server has shut down, so no request is left waiting on a batch.
@@ -329,16 +373,13 @@ func (s *server) close() {
 	s.db.Close()
 }
 
-// cleanUp deletes expired idempotency keys and OAuth states once an hour.
+// cleanUp deletes expired idempotency keys once an hour.
 func (s *server) cleanUp(ctx context.Context) {
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
 		if _, err := s.db.ExecContext(ctx, `DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'`); err != nil && ctx.Err() == nil {
 			s.logger.Warn("clean up idempotency keys", "err", err)
-		}
-		if _, err := s.db.ExecContext(ctx, `DELETE FROM oauth_states WHERE expires_at < now()`); err != nil && ctx.Err() == nil {
-			s.logger.Warn("clean up oauth states", "err", err)
 		}
 		select {
 		case <-ctx.Done():

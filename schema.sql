@@ -85,13 +85,6 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 );
 CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created_at);
 
--- oauth_states holds the state of each OAuth sign-in in flight; the callback deletes
--- it, so a state is good for one sign-in only.
-CREATE TABLE IF NOT EXISTS oauth_states (
-    state       TEXT PRIMARY KEY,
-    expires_at  TIMESTAMPTZ NOT NULL
-);
-
 -- settings holds server-wide values, such as the development token key.
 CREATE TABLE IF NOT EXISTS settings (
     name   TEXT PRIMARY KEY,

@@ -77,17 +77,18 @@ func upsertUser(ctx context.Context, db *sql.DB, username string) (User, error) 
 }
 
 // upsertGitHubUser returns the user with gh's GitHub id, creating it on first
-// sign-in. When the login is taken by another account, the new account's username
-// gets the GitHub id appended.
+// sign-in. A new account is named after the GitHub login; when another account
+// has that name, it takes the first free name of "<login>-<id>", "<login>-<id>-2",
+// "<login>-<id>-3", … (the login cut so that the name fits 39 characters). The
+// order is fixed, so the choice is deterministic, and as there are finitely many
+// users one of them is free: a name never fails a sign-in.
 func upsertGitHubUser(ctx context.Context, db *sql.DB, gh githubUser) (User, error) {
-	names := []string{gh.Login}
-	suffix := "-" + strconv.FormatInt(gh.ID, 10)
-	names = append(names, gh.Login[:min(len(gh.Login), 39-len(suffix))]+suffix)
 	var avatar *string
 	if gh.AvatarURL != "" && strings.HasPrefix(gh.AvatarURL, "https://") {
 		avatar = &gh.AvatarURL
 	}
-	for _, name := range names {
+	for n := 0; ; n++ {
+		name := githubUsername(gh, n)
 		u, err := scanUser(db.QueryRowContext(ctx, `
 			INSERT INTO users (username, github_id, avatar_url) VALUES ($1, $2, $3)
 			ON CONFLICT (github_id) DO UPDATE SET avatar_url = EXCLUDED.avatar_url
@@ -101,7 +102,19 @@ func upsertGitHubUser(ctx context.Context, db *sql.DB, gh githubUser) (User, err
 		}
 		return u, nil
 	}
-	return User{}, fmt.Errorf("upsert github user %d: every username taken", gh.ID)
+}
+
+// githubUsername is the n-th name upsertGitHubUser tries for gh: the login, then
+// "<login>-<id>", then "<login>-<id>-<n>", each within the username rule.
+func githubUsername(gh githubUser, n int) string {
+	if n == 0 {
+		return gh.Login
+	}
+	suffix := "-" + strconv.FormatInt(gh.ID, 10)
+	if n > 1 {
+		suffix += "-" + strconv.Itoa(n)
+	}
+	return gh.Login[:min(len(gh.Login), 39-len(suffix))] + suffix
 }
 
 // userByID returns the user with id, or errNotFound.

@@ -3,7 +3,7 @@
 import { api, clearAuth, getAuth, isAuthKey, onUnauthorized, saveAuth } from './client.js';
 import { createStream } from './events.js';
 import { h } from './dom.js';
-import { mountLogin } from './login.js';
+import { mountLogin, takeGitHubNonce } from './login.js';
 import { mountHome } from './home.js';
 import { mountConversation } from './conversation.js';
 
@@ -159,17 +159,29 @@ function notFound() {
   return null;
 }
 
-// finishGitHubSignIn handles /callback#token=…&expires_at=…
+// signInErrors are the texts shown for the error codes /callback#error= may carry;
+// the page never shows text taken from the address.
+const signInErrors = {
+  access_denied: 'You did not allow Messenger to use your GitHub account.',
+};
+const signInFailed = 'Sign-in with GitHub did not finish. Please try again.';
+
+// finishGitHubSignIn handles /callback#token=…&expires_at=…&nonce=… (or #error=…).
+// It signs in only when nonce is the one this tab stored when it left for GitHub,
+// so a link carrying somebody else's token cannot sign the browser into their
+// account.
 function finishGitHubSignIn() {
   const params = new URLSearchParams(location.hash.slice(1));
+  const nonce = takeGitHubNonce();
   const token = params.get('token');
-  if (token) {
+  if (token && nonce && params.get('nonce') === nonce) {
     saveAuth(token, params.get('expires_at'));
     navigate('/', { replace: true });
-  } else {
-    flash = params.get('error') || 'Sign-in with GitHub did not finish. Please try again.';
-    navigate('/login', { replace: true });
+    return;
   }
+  if (token) flash = 'That sign-in was not started in this browser, so it was ignored. Sign in again if you meant to.';
+  else flash = Object.hasOwn(signInErrors, params.get('error')) ? signInErrors[params.get('error')] : signInFailed;
+  navigate('/login', { replace: true });
 }
 
 onUnauthorized(() => {

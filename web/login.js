@@ -9,7 +9,7 @@ export function mountLogin(root, ctx) {
   const form = h('form', { id: 'login-form', class: 'stack', novalidate: true }, h('label', { for: 'username' }, 'Username'), input, button);
   const message = h('p', { id: 'login-message', class: 'form-error', role: 'alert' }, ctx.takeFlash());
   const divider = h('p', { class: 'divider' }, h('span', {}, 'or'));
-  const github = h('a', { id: 'github-sign-in', class: 'button secondary', href: '/api/oauth/github' }, 'Sign in with GitHub');
+  const github = h('a', { id: 'github-sign-in', class: 'button secondary', href: '/api/oauth/github', onclick: startGitHubSignIn }, 'Sign in with GitHub');
 
   root.append(
     h(
@@ -56,4 +56,25 @@ export function mountLogin(root, ctx) {
   });
 
   return { unmount: () => controller.abort() };
+}
+
+const NONCE_KEY = 'messenger.githubNonce';
+
+// startGitHubSignIn leaves for GitHub with a fresh nonce, kept in this tab's
+// sessionStorage; the server carries it through the OAuth state and hands it back
+// with the token. A callback without it was not started here (see takeGitHubNonce).
+function startGitHubSignIn(e) {
+  if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
+  e.preventDefault();
+  const nonce = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('');
+  sessionStorage.setItem(NONCE_KEY, nonce);
+  location.assign('/api/oauth/github?nonce=' + nonce);
+}
+
+// takeGitHubNonce returns the nonce of the sign-in this tab started, if any, and
+// forgets it: each nonce answers one callback.
+export function takeGitHubNonce() {
+  const nonce = sessionStorage.getItem(NONCE_KEY);
+  sessionStorage.removeItem(NONCE_KEY);
+  return nonce;
 }
