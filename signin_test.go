@@ -399,8 +399,8 @@ func TestMetricsAddr(t *testing.T) {
 		t.Fatalf("GET /metrics on the public listener: got %d %.100s, want 404", res.status, res.body)
 	}
 	// Only /metrics is on the private listener.
-	if other, err := rawDo("GET", "http://"+addr+"/api/conversations", nil, nil); err != nil || other.status != http.StatusNotFound {
-		t.Fatalf("GET /api/conversations on METRICS_ADDR: got %d, %v, want 404", other.status, err)
+	if other, err := rawDo("GET", "http://"+addr+"/healthz/other", nil, nil); err != nil || other.status != http.StatusNotFound {
+		t.Fatalf("GET /healthz/other on METRICS_ADDR: got %d, %v, want 404", other.status, err)
 	}
 
 	// It stops with the server, freeing its port, and comes back with it.
