@@ -10,6 +10,7 @@ run:
 
 ## test: the whole suite (gofmt, vet, unit, HTTP, browser tests, fuzz seeds) with the race detector
 test: vet
+	@scripts/install.sh pgbouncer
 	@url=$$(scripts/db.sh) && DATABASE_URL="$$url" $(GO) test -race -count=1 -timeout 20m ./...
 
 ## bench: sends and deliveries against the database's own limit (pgbench); writes bench/out/results.md

@@ -56,6 +56,9 @@ func runTests(m *testing.M) int {
 	}()
 	u.Path = "/" + name
 	testDatabaseURL = u.String()
+	if os.Getenv(pgBouncerEnv) != "" {
+		fmt.Println("test database:", name) // for TestThroughPgBouncer
+	}
 	if err := installContractCheck(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -129,11 +132,22 @@ func newTestServer(t testing.TB, env ...string) *testServer {
 		},
 		logs: &syncBuffer{},
 	}
+	if bouncer := os.Getenv(pgBouncerEnv); bouncer != "" {
+		// TestThroughPgBouncer's run: the pool goes through PgBouncer in
+		// transaction mode, LISTEN straight to PostgreSQL.
+		ts.env["DATABASE_URL"] = viaPgBouncer(testDatabaseURL, bouncer)
+		ts.env["DATABASE_LISTEN_URL"] = testDatabaseURL
+	}
 	for _, kv := range env {
 		k, v, _ := strings.Cut(kv, "=")
 		ts.env[k] = v
 	}
-	db, err := sql.Open("postgres", ts.env["DATABASE_URL"])
+	// The test's own connection goes straight to PostgreSQL.
+	direct := ts.env["DATABASE_URL"]
+	if u := ts.env["DATABASE_LISTEN_URL"]; u != "" {
+		direct = u
+	}
+	db, err := sql.Open("postgres", direct)
 	if err != nil {
 		t.Fatalf("open database: %v", err)
 	}

@@ -39,7 +39,8 @@ func main() {
 
 // config is the server's configuration, read from the environment.
 type config struct {
-	databaseURL string
+	databaseURL string // the pool's: PostgreSQL itself, or a pooler in transaction mode
+	listenURL   string // the LISTEN connection's: always PostgreSQL itself
 	addr        string // host:port to listen on
 	origin      *url.URL
 	devLogin    bool
@@ -84,6 +85,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if cfg.databaseURL == "" {
 		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
 	}
+	cfg.listenURL = orDefault(getenv("DATABASE_LISTEN_URL"), cfg.databaseURL)
 	port := orDefault(getenv("PORT"), "3000")
 	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
 		return cfg, fmt.Errorf("PORT %q: not a port number", port)
@@ -271,7 +273,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	s.notifier = newNotifier(db, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
 	s.hub = newHub(db, cfg.streamBuffer, m, logger)
-	s.listener = pq.NewListener(cfg.databaseURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
+	s.listener = pq.NewListener(cfg.listenURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
 			logger.Warn("event listener", "state", ev.String(), "err", err)
 		}
@@ -391,7 +393,11 @@ func (s *server) cleanUp(ctx context.Context) {
 
 // openDB connects to PostgreSQL, sizes the pool and applies the migrations.
 func openDB(ctx context.Context, cfg config, logger *slog.Logger) (*sql.DB, error) {
-	db, err := sql.Open("postgres", cfg.databaseURL)
+	dsn, err := poolerSafeDSN(cfg.databaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	db, err := sql.Open("postgres", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
 	}
@@ -403,6 +409,32 @@ func openDB(ctx context.Context, cfg config, logger *slog.Logger) (*sql.DB, erro
 		return nil, err
 	}
 	return db, nil
+}
+
+// poolerSafeDSN returns dsn with lib/pq's binary_parameters on, unless dsn sets it.
+// With it, a query with parameters goes out as one Parse/Bind/Execute/Sync in a
+// single round trip on the unnamed statement, instead of a Parse and Sync first and
+// the Bind after: one round trip fewer for every query, and a PgBouncer in
+// transaction mode, which may hand each Sync to another server connection, never
+// sees a statement parsed on one connection and bound on another. The server
+// prepares no named statements, so nothing else depends on the session.
+func poolerSafeDSN(dsn string) (string, error) {
+	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
+		u, err := url.Parse(dsn)
+		if err != nil {
+			return "", errors.New("not a valid URL")
+		}
+		q := u.Query()
+		if q.Get("binary_parameters") == "" {
+			q.Set("binary_parameters", "yes")
+			u.RawQuery = q.Encode()
+		}
+		return u.String(), nil
+	}
+	if strings.Contains(dsn, "binary_parameters") {
+		return dsn, nil
+	}
+	return strings.TrimSpace(dsn + " binary_parameters=yes"), nil
 }
 
 // developmentTokenKey returns the token key kept in the database, creating it on

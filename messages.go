@@ -141,11 +141,13 @@ type batchResult struct {
 // the message is durably committed: results are handed out only after the
 // transaction's commit was acknowledged.
 //
-// Each worker runs its batches on a connection of its own (a *sql.Conn with the
-// statement prepared on it). A statement run through the pool is re-run on another
-// connection when the driver reports a broken one, even if the first run had
-// committed, which would store the batch twice; on a dedicated connection a broken
-// connection is an error, answered as 503, and the worker takes a fresh one.
+// Each worker runs its batches on a connection of its own (a *sql.Conn). A
+// statement run through the pool is re-run on another connection when the driver
+// reports a broken one, even if the first run had committed, which would store the
+// batch twice; on a dedicated connection a broken connection is an error, answered
+// as 503, and the worker takes a fresh one. The statement is not prepared: with
+// binary_parameters (see poolerSafeDSN) an unprepared query is one round trip too,
+// and a named statement would not survive a pooler in transaction mode.
 type sendBatcher struct {
 	db       *sql.DB
 	notifier *notifier
@@ -166,17 +168,15 @@ func newSendBatcher(db *sql.DB, nf *notifier) *sendBatcher {
 	return &sendBatcher{db: db, notifier: nf, queue: make(chan *sendRequest, maxSendBatch*sendWorkers)}
 }
 
-// sendConn is a send worker's own connection and its prepared statement.
+// sendConn is a send worker's own connection.
 type sendConn struct {
 	conn *sql.Conn
-	stmt *sql.Stmt
 }
 
 func (sc *sendConn) close() {
 	if sc.conn != nil {
-		sc.stmt.Close()
 		sc.conn.Close()
-		sc.conn, sc.stmt = nil, nil
+		sc.conn = nil
 	}
 }
 
@@ -267,11 +267,6 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 		if sc.conn, err = b.db.Conn(ctx); err != nil {
 			return nil, fmt.Errorf("send connection: %w", err)
 		}
-		if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err != nil {
-			sc.conn.Close()
-			sc.conn = nil
-			return nil, fmt.Errorf("prepare send: %w", err)
-		}
 	}
 	n := len(batch)
 	convs, senders := make([]int64, n), make([]int64, n)
@@ -279,7 +274,7 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 	for i, r := range batch {
 		convs[i], senders[i], contents[i], keys[i] = r.conversation, r.sender, r.content, r.key
 	}
-	rows, err := sc.stmt.QueryContext(ctx, pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys))
+	rows, err := sc.conn.QueryContext(ctx, sendQuery, pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys))
 	if err != nil {
 		return nil, fmt.Errorf("send messages: %w", err)
 	}
