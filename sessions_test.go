@@ -1,0 +1,271 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/url"
+	"testing"
+	"time"
+)
+
+// authedRoute is one request to a route that needs a token.
+type authedRoute struct {
+	method, path string
+	body         any
+	headers      []string
+}
+
+// authedRoutes returns a request to every route that takes a token, the event
+// stream included, against conversation conv.
+func authedRoutes(conv string) []authedRoute {
+	P := "/api/conversations/" + conv
+	return []authedRoute{
+		{method: "GET", path: "/api/auth_user"},
+		{method: "POST", path: "/api/refresh_token"},
+		{method: "GET", path: "/api/usernames?search=a"},
+		{method: "POST", path: "/api/conversations", body: map[string]string{"username": "nobody"}},
+		{method: "GET", path: "/api/conversations"},
+		{method: "GET", path: P},
+		{method: "GET", path: P + "/other_participant"},
+		{method: "POST", path: P + "/messages", body: map[string]string{"content": "after sign-out"}},
+		{method: "GET", path: P + "/messages"},
+		{method: "POST", path: P + "/read_messages"},
+		{method: "POST", path: P + "/typing"},
+		{method: "POST", path: "/api/logout"},
+		{method: "POST", path: "/api/logout/all"},
+		{method: "GET", path: "/api/messages", headers: []string{"Accept: text/event-stream"}},
+	}
+}
+
+// expectRefused checks that c's token gets 401 (with WWW-Authenticate) on every
+// route, the stream with ?token= included.
+func expectRefused(t *testing.T, c *client, conv string) {
+	t.Helper()
+	for _, r := range authedRoutes(conv) {
+		resp, b := c.do(r.method, r.path, r.body, r.headers...)
+		if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") == "" {
+			t.Errorf("%s %s on %s: got %d %s, want 401 with WWW-Authenticate", r.method, r.path, c.base, resp.StatusCode, b)
+		}
+	}
+	anon := &client{t: t, base: c.base}
+	resp, b := anon.do("GET", "/api/messages?token="+url.QueryEscape(c.Token), nil, "Accept: text/event-stream")
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("GET /api/messages?token= on %s: got %d %s, want 401", c.base, resp.StatusCode, b)
+	}
+}
+
+// expectSessionEnded waits until deadline for s to send session_ended with
+// reason, and then to end.
+func expectSessionEnded(t *testing.T, name string, s *sseStream, reason string, deadline time.Time) {
+	t.Helper()
+	for {
+		select {
+		case ev, ok := <-s.events:
+			if !ok {
+				t.Fatalf("%s: stream ended without session_ended (%v)", name, s.err)
+			}
+			if ev.Event != "session_ended" {
+				continue
+			}
+			var data struct{ Reason string }
+			if err := json.Unmarshal([]byte(ev.Data), &data); err != nil || data.Reason != reason {
+				t.Fatalf("%s: session_ended data %s, want reason %q", name, ev.Data, reason)
+			}
+			if !s.ended(time.Until(deadline) + time.Second) {
+				t.Fatalf("%s: stream still open after session_ended", name)
+			}
+			return
+		case <-time.After(time.Until(deadline)):
+			t.Fatalf("%s: no session_ended by the deadline", name)
+		}
+	}
+}
+
+// expectOpen checks that the streams of c still deliver: a message bob sends now
+// reaches each of them.
+func expectOpen(t *testing.T, bob *client, conv string, streams map[string]*sseStream) {
+	t.Helper()
+	m := bob.send(conv, "still here?")
+	for name, s := range streams {
+		for {
+			ev := s.next(eventWait)
+			if ev.Event == "session_ended" {
+				t.Fatalf("%s: got session_ended %s, want the stream to go on", name, ev.Data)
+			}
+			var got apiMessage
+			if ev.Event == "" && json.Unmarshal([]byte(ev.Data), &got) == nil && got.ID == m.ID {
+				break
+			}
+		}
+	}
+}
+
+// TestLogoutEndsOneSession: after POST /api/logout the token gets 401 on every
+// route of both instances at once, and its streams on both get session_ended and
+// close within 5 s; the same person's other session, and its streams, go on.
+func TestLogoutEndsOneSession(t *testing.T) {
+	a, b := newTestServer(t), newTestServer(t)
+	name := uniqueName("leaver")
+	phone, laptop := a.login(t, name), a.login(t, name)
+	bob := a.newUser(t, "bob")
+	conv := bob.startConversation(phone)
+	phoneOnA, phoneOnB := phone.stream(""), phone.as(b).stream("")
+	laptopOnA, laptopOnB := laptop.stream(""), laptop.as(b).stream("")
+
+	phone.mustDo("POST", "/api/logout", nil, http.StatusNoContent, nil)
+	loggedOut := time.Now()
+	expectRefused(t, phone, conv.ID)
+	expectRefused(t, phone.as(b), conv.ID)
+	expectSessionEnded(t, "phone on A", phoneOnA, "signed_out", loggedOut.Add(5*time.Second))
+	expectSessionEnded(t, "phone on B", phoneOnB, "signed_out", loggedOut.Add(5*time.Second))
+
+	for _, c := range []*client{laptop, laptop.as(b)} {
+		c.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil)
+		c.mustDo("GET", "/api/usernames?search=b", nil, http.StatusOK, nil)
+	}
+	expectOpen(t, bob, conv.ID, map[string]*sseStream{"laptop on A": laptopOnA, "laptop on B": laptopOnB})
+
+	// Signing in again starts a new session that works.
+	again := b.login(t, name)
+	again.mustDo("GET", "/api/auth_user", nil, http.StatusOK, nil)
+}
+
+// TestLogoutAllEndsEverySession: POST /api/logout/all ends every session of the
+// caller on every instance, and nobody else's.
+func TestLogoutAllEndsEverySession(t *testing.T) {
+	a, b := newTestServer(t), newTestServer(t)
+	name := uniqueName("everywhere")
+	s1, s2, s3 := a.login(t, name), a.login(t, name), b.login(t, name)
+	bob := a.newUser(t, "bob")
+	conv := bob.startConversation(s1)
+	streams := map[string]*sseStream{
+		"s1 on A": s1.stream(""), "s2 on B": s2.as(b).stream(""), "s3 on B": s3.stream(""), "s3 on A": s3.as(a).stream(""),
+	}
+	bobStream := bob.as(b).stream("")
+
+	s2.mustDo("POST", "/api/logout/all", nil, http.StatusNoContent, nil)
+	loggedOut := time.Now()
+	for _, c := range []*client{s1, s2, s3} {
+		expectRefused(t, c.as(a), conv.ID)
+		expectRefused(t, c.as(b), conv.ID)
+	}
+	for name, s := range streams {
+		expectSessionEnded(t, name, s, "signed_out_everywhere", loggedOut.Add(5*time.Second))
+	}
+	bob.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil)
+	expectOpen(t, bob, conv.ID, map[string]*sseStream{"bob on B": bobStream})
+	a.login(t, name).mustDo("GET", "/api/conversations/"+conv.ID, nil, http.StatusOK, nil)
+}
+
+// TestDeletedUserTokensRefused: once a user is deleted (in SQL, as an operator
+// would), their token gets 401 and their open stream closes.
+func TestDeletedUserTokensRefused(t *testing.T) {
+	ts := newTestServer(t)
+	doomed := ts.newUser(t, "doomed")
+	doomed.mustDo("GET", "/api/usernames?search=d", nil, http.StatusOK, nil)
+	s := doomed.stream("")
+	if _, err := ts.DB.Exec(`DELETE FROM users WHERE id = $1`, doomed.User.ID); err != nil {
+		t.Fatalf("delete user: %v", err)
+	}
+	deleted := time.Now()
+	doomed.mustDo("GET", "/api/usernames?search=d", nil, http.StatusUnauthorized, nil)
+	doomed.mustDo("GET", "/api/conversations", nil, http.StatusUnauthorized, nil)
+	// Nothing announces a deletion: the periodic check (SESSION_CHECK_INTERVAL,
+	// 5 s) finds it.
+	expectSessionEnded(t, "doomed", s, "ended", deleted.Add(15*time.Second))
+}
+
+// TestRefreshStopsAtSessionMaxAge: refreshing over and over cannot carry a
+// session past SESSION_MAX_AGE; each token expires by the session's end, and
+// after it the session is refused.
+func TestRefreshStopsAtSessionMaxAge(t *testing.T) {
+	const maxAge = 4 * time.Second
+	ts := newTestServer(t, "TOKEN_TTL=2s", "SESSION_MAX_AGE="+maxAge.String())
+	start := time.Now()
+	c := ts.newUser(t, "clinger")
+	end := start.Add(maxAge + time.Second) // the token's expiry is rounded to the second
+	refreshes := 0
+	waitFor(t, 3*maxAge, "refresh to be refused", func() bool {
+		var tok struct {
+			Token     string
+			ExpiresAt time.Time
+		}
+		resp, b := c.do("POST", "/api/refresh_token", nil)
+		if resp.StatusCode == http.StatusUnauthorized {
+			return true
+		}
+		if resp.StatusCode != http.StatusOK || json.Unmarshal(b, &tok) != nil {
+			t.Fatalf("refresh: got %d %s", resp.StatusCode, b)
+		}
+		if tok.ExpiresAt.After(end) {
+			t.Fatalf("refresh %d gave a token until %v, past the session's end %v", refreshes, tok.ExpiresAt, end)
+		}
+		c.Token = tok.Token
+		refreshes++
+		time.Sleep(200 * time.Millisecond) // the pace of a client that refreshes often
+		return false
+	})
+	if refreshes == 0 || time.Since(start) < maxAge-time.Second {
+		t.Fatalf("refresh refused after %v and %d refreshes, want it refused only at the session's end (%v)", time.Since(start), refreshes, maxAge)
+	}
+	c.mustDo("GET", "/api/auth_user", nil, http.StatusUnauthorized, nil)
+}
+
+// TestQueryTokenOnlyOnStream: ?token= opens the stream and is refused with 401
+// everywhere else, even next to a good Authorization header.
+func TestQueryTokenOnlyOnStream(t *testing.T) {
+	ts := newTestServer(t)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := alice.startConversation(bob)
+	q := "token=" + url.QueryEscape(alice.Token)
+	for _, r := range authedRoutes(conv.ID) {
+		if r.path == "/api/messages" {
+			continue
+		}
+		sep := "?"
+		if u, _ := url.Parse(r.path); u.RawQuery != "" {
+			sep = "&"
+		}
+		anon := &client{t: t, base: ts.URL}
+		for _, c := range []*client{anon, alice} { // with the query alone, and with a good header too
+			resp, b := c.do(r.method, r.path+sep+q, r.body, r.headers...)
+			if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") == "" {
+				t.Errorf("%s %s?token= (header %v): got %d %s, want 401 with WWW-Authenticate", r.method, r.path, c.Token != "", resp.StatusCode, b)
+			}
+		}
+	}
+	alice.mustDo("GET", "/api/auth_user", nil, http.StatusOK, nil) // nothing above ended the session
+
+	ctx, cancel := context.WithTimeout(context.Background(), eventWait)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", ts.URL+"/api/messages?"+q, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("open stream with ?token=: %v", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("open stream with ?token=: got %d %s, want 200 text/event-stream", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+}
+
+// TestTooManySessions: signing in once more than MAX_SESSIONS_PER_USER ends the
+// oldest session, and only that one.
+func TestTooManySessions(t *testing.T) {
+	ts := newTestServer(t, "MAX_SESSIONS_PER_USER=3")
+	name := uniqueName("many")
+	var sessions []*client
+	for range 4 {
+		sessions = append(sessions, ts.login(t, name))
+	}
+	sessions[0].mustDo("GET", "/api/auth_user", nil, http.StatusUnauthorized, nil)
+	for _, c := range sessions[1:] {
+		c.mustDo("GET", "/api/auth_user", nil, http.StatusOK, nil)
+	}
+	var open int
+	if err := ts.DB.QueryRow(`SELECT count(*) FROM sessions WHERE user_id = $1 AND ended_at IS NULL`, sessions[0].User.ID).Scan(&open); err != nil || open != 3 {
+		t.Fatalf("open sessions: got %d (%v), want 3", open, err)
+	}
+}
