@@ -129,9 +129,10 @@ func sessionFrom(ctx context.Context) session {
 }
 
 // authenticate lets a request through only with a valid token of a session that
-// has not ended: one primary-key lookup of the sessions table per request, so an
-// ended session (signed out, its user deleted, past SESSION_MAX_AGE) is refused
-// at once on every instance. The token comes from the Authorization header; only
+// has not ended: a primary-key lookup of the sessions table, remembered for at
+// most sessionCacheTTL (see sessions.go), so an ended session (signed out, its
+// user deleted, past SESSION_MAX_AGE) is refused within that time on every
+// instance. The token comes from the Authorization header; only
 // when queryToken is set (the event stream, as EventSource cannot send headers) is
 // ?token= accepted too, and anywhere else a token in the URL is refused: URLs
 // reach proxy and browser logs (this server never logs the query).
@@ -156,6 +157,12 @@ func (s *server) checkToken(r *http.Request, queryToken bool) (session, error) {
 		return session{}, err
 	}
 	sess := session{userID: c.userID, sessionID: c.sessionID, expires: c.expires}
+	now := time.Now()
+	ends, gen, ok := s.sessionCache.get(c.sessionID, c.userID, now)
+	if ok {
+		sess.ends = ends
+		return sess, nil
+	}
 	err = s.db.QueryRowContext(r.Context(), `
 		SELECT expires_at FROM sessions
 		WHERE id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > now()`,
@@ -166,6 +173,7 @@ func (s *server) checkToken(r *http.Request, queryToken bool) (session, error) {
 	if err != nil {
 		return session{}, fmt.Errorf("check session: %w", err)
 	}
+	s.sessionCache.put(c.sessionID, c.userID, sess.ends, now, gen)
 	return sess, nil
 }
 

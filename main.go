@@ -240,6 +240,8 @@ type server struct {
 	sends    *sendBatcher
 	done     chan struct{} // closed when the background goroutines have stopped
 	stop     context.CancelFunc
+
+	sessionCache *sessionCache // open sessions, remembered briefly (see sessions.go)
 }
 
 // newServer opens the database, applies the schema and starts the fan-out from
@@ -264,6 +266,8 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		metrics: m,
 		logger:  logger,
 		done:    make(chan struct{}),
+
+		sessionCache: newSessionCache(),
 	}
 	s.notifier = newNotifier(db, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
@@ -281,7 +285,10 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		}
 	}
 	sessions := newSessionWatcher(s.hub, db, cfg.sessionCheckInterval, logger)
-	s.hub.sessionNotes = sessions.noted
+	s.hub.sessionNotes = func(payload string) {
+		s.sessionCache.clear()
+		sessions.noted(payload)
+	}
 	bg, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	var wg sync.WaitGroup

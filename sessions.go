@@ -15,10 +15,12 @@ import (
 
 // Sessions. Every sign-in starts a session, a row of the sessions table with a hard
 // end (SESSION_MAX_AGE after it started), and every token names its session.
-// authenticate looks the session up on every request (one primary-key lookup), so
-// a session that ends (signed out, its user deleted, past its end, ended by an
-// operator) stops every token of it at once, on every instance. Refreshing issues
-// a new token for the same session, never past its end.
+// authenticate looks the session up (one primary-key lookup), remembering an open
+// session for at most sessionCacheTTL, so a session that ends (signed out, its
+// user deleted, past its end, ended by an operator) stops every token of it within
+// that time on every instance: at once on the instance that ended it and, through
+// the notification below, within milliseconds on the others. Refreshing issues a
+// new token for the same session, never past its end.
 //
 // Streams are not checked per event, to keep sessions off the delivery path.
 // Ending sessions announces the user on sessionsChannel; each instance's
@@ -83,8 +85,79 @@ func (s *server) endSessions(ctx context.Context, user, session int64, keep int,
 	if err != nil {
 		return fmt.Errorf("end sessions: %w", err)
 	}
+	if n > 0 {
+		s.sessionCache.clear()
+	}
 	s.metrics.sessionsEnded.WithLabelValues(reason).Add(float64(n))
 	return nil
+}
+
+// sessionCacheTTL is how long authenticate trusts a session it found open without
+// looking again; it bounds how long a session ended without a notification (a
+// deleted user, an operator's UPDATE, a lost NOTIFY) is still accepted here.
+const sessionCacheTTL = 500 * time.Millisecond
+
+// maxCachedSessions bounds the cache; when it is full, stale entries are dropped,
+// and if that frees nothing, all of them.
+const maxCachedSessions = 100_000
+
+// sessionCache remembers the sessions authenticate found open. It is emptied
+// whenever a session ends here and on every notification on sessionsChannel.
+type sessionCache struct {
+	mu      sync.Mutex // guards entries and gen
+	entries map[int64]cachedSession
+	gen     uint64 // bumped by clear: a lookup that began before may not store its answer
+}
+
+type cachedSession struct {
+	userID  int64
+	ends    time.Time // the session's hard end
+	checked time.Time
+}
+
+func newSessionCache() *sessionCache {
+	return &sessionCache{entries: make(map[int64]cachedSession)}
+}
+
+// get returns the hard end of session of user if it was found open less than
+// sessionCacheTTL ago; otherwise ok is false and gen is what put needs.
+func (c *sessionCache) get(session, user int64, now time.Time) (ends time.Time, gen uint64, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, found := c.entries[session]
+	if found && e.userID == user && now.Sub(e.checked) < sessionCacheTTL && now.Before(e.ends) {
+		return e.ends, c.gen, true
+	}
+	return time.Time{}, c.gen, false
+}
+
+// put remembers that session of user was open at checked, unless the cache was
+// cleared since get returned gen.
+func (c *sessionCache) put(session, user int64, ends, checked time.Time, gen uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return
+	}
+	if len(c.entries) >= maxCachedSessions {
+		for id, e := range c.entries {
+			if checked.Sub(e.checked) >= sessionCacheTTL {
+				delete(c.entries, id)
+			}
+		}
+		if len(c.entries) >= maxCachedSessions {
+			clear(c.entries)
+		}
+	}
+	c.entries[session] = cachedSession{userID: user, ends: ends, checked: checked}
+}
+
+// clear forgets every session.
+func (c *sessionCache) clear() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	clear(c.entries)
+	c.gen++
 }
 
 // sessionWatcher ends the local streams of sessions that ended.
