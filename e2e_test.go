@@ -938,6 +938,7 @@ func TestE2ESignOut(t *testing.T) {
 	conv := bob.startConversation(other)
 	b.do("open the conversation", chromedp.Navigate(ts.URL+"/conversations/"+conv.ID), chromedp.WaitVisible(chromedp.CSS("#message-form")))
 	b.waitUntil("the conversation page shows the account", shown)
+	b.waitUntil("the history has loaded", `/beginning/.test(document.querySelector('.older-status')?.textContent)`)
 	b.screenshot("e2e-signed-in-account")
 	b.do("open a page that does not exist", chromedp.Navigate(ts.URL+"/no/such/page"))
 	b.waitUntil("the not-found page shows the account", `document.querySelector('h1')?.textContent === 'Page not found' && `+shown)

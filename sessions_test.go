@@ -362,3 +362,21 @@ func BenchmarkSessionCheck(b *testing.B) {
 		}
 	})
 }
+
+// TestOperatorEndsSessions: sessions an operator ends in SQL, which nothing
+// announces, are refused within a second and their streams end at the next check.
+func TestOperatorEndsSessions(t *testing.T) {
+	ts := newTestServer(t, "SESSION_CHECK_INTERVAL=1s")
+	c := ts.newUser(t, "suspect")
+	c.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil)
+	s := c.stream("")
+	if _, err := ts.DB.Exec(`UPDATE sessions SET ended_at = now(), end_reason = 'revoked' WHERE user_id = $1`, c.User.ID); err != nil {
+		t.Fatalf("end sessions: %v", err)
+	}
+	revoked := time.Now()
+	waitFor(t, time.Second, "the revoked token to be refused", func() bool {
+		resp, _ := c.do("GET", "/api/conversations", nil)
+		return resp.StatusCode == http.StatusUnauthorized
+	})
+	expectSessionEnded(t, "suspect", s, "revoked", revoked.Add(5*time.Second))
+}
