@@ -132,10 +132,10 @@ func sessionFrom(ctx context.Context) session {
 // has not ended: a primary-key lookup of the sessions table, remembered for at
 // most sessionCacheTTL (see sessions.go), so an ended session (signed out, its
 // user deleted, past SESSION_MAX_AGE) is refused within that time on every
-// instance. The token comes from the Authorization header; only
-// when queryToken is set (the event stream, as EventSource cannot send headers) is
-// ?token= accepted too, and anywhere else a token in the URL is refused: URLs
-// reach proxy and browser logs (this server never logs the query).
+// instance. The token comes from the Authorization header. Only when queryToken
+// is set (the event stream: EventSource cannot send headers) is ?token= accepted
+// too; anywhere else a token in the URL is refused, since URLs reach the logs of
+// proxies and browsers (this server never logs the query).
 func (s *server) authenticate(h http.HandlerFunc, queryToken bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		sess, err := s.checkToken(r, queryToken)
@@ -147,6 +147,8 @@ func (s *server) authenticate(h http.HandlerFunc, queryToken bool) http.HandlerF
 	}
 }
 
+// checkToken returns the session of the request's token (see authenticate). It
+// returns errSessionEnded for a well-signed token whose session ended.
 func (s *server) checkToken(r *http.Request, queryToken bool) (session, error) {
 	token, err := bearerToken(r, queryToken)
 	if err != nil {

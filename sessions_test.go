@@ -380,3 +380,55 @@ func TestOperatorEndsSessions(t *testing.T) {
 	})
 	expectSessionEnded(t, "suspect", s, "revoked", revoked.Add(5*time.Second))
 }
+
+// TestSessionCache: an entry is trusted for sessionCacheTTL and before the
+// session's end only, for its own user only; a lookup that began before a clear
+// stores nothing; and the cache never holds more than maxCachedSessions.
+func TestSessionCache(t *testing.T) {
+	c := newSessionCache()
+	now := time.Now()
+	ends := now.Add(time.Hour)
+	_, gen, _ := c.get(1, 10, now)
+	c.put(1, 10, ends, now, gen)
+	for _, tc := range []struct {
+		name    string
+		session int64
+		user    int64
+		at      time.Time
+		want    bool
+	}{
+		{"fresh", 1, 10, now.Add(sessionCacheTTL / 2), true},
+		{"stale", 1, 10, now.Add(sessionCacheTTL), false},
+		{"other user", 1, 11, now, false},
+		{"other session", 2, 10, now, false},
+	} {
+		if _, _, ok := c.get(tc.session, tc.user, tc.at); ok != tc.want {
+			t.Errorf("%s: got %v, want %v", tc.name, ok, tc.want)
+		}
+	}
+	c.put(3, 10, now.Add(time.Millisecond), now, gen)
+	if _, _, ok := c.get(3, 10, now.Add(2*time.Millisecond)); ok {
+		t.Errorf("got a session past its end")
+	}
+
+	_, gen, _ = c.get(4, 10, now)
+	c.clear()
+	c.put(4, 10, ends, now, gen) // the answer of a lookup that raced with the clear
+	if _, _, ok := c.get(4, 10, now); ok {
+		t.Errorf("a lookup from before a clear was stored")
+	}
+	if _, _, ok := c.get(1, 10, now); ok {
+		t.Errorf("clear kept an entry")
+	}
+
+	_, gen, _ = c.get(0, 0, now)
+	for i := range int64(maxCachedSessions + 10) {
+		c.put(i+1, 10, ends, now, gen)
+	}
+	if n := len(c.entries); n > maxCachedSessions {
+		t.Errorf("cache holds %d entries, want at most %d", n, maxCachedSessions)
+	}
+	if _, _, ok := c.get(maxCachedSessions+10, 10, now); !ok {
+		t.Errorf("the newest entry is not cached")
+	}
+}
