@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -19,10 +20,14 @@ import (
 )
 
 // tokenSigner issues and checks the bearer tokens: "<payload>.<signature>", both
-// base64url, where the payload is "<user id>.<expiry in Unix seconds>" and the
-// signature is its HMAC-SHA256 under the server's key. The standard library's HMAC
-// is all a token that only this server reads needs; a JWT library would add
-// algorithm negotiation we would then have to defend against.
+// base64url, where the payload is "<user id>.<session id>.<expiry in Unix seconds>"
+// and the signature is its HMAC-SHA256 under the server's key. The standard
+// library's HMAC is all a token that only this server reads needs; a JWT library
+// would add algorithm negotiation we would then have to defend against. A token is
+// good only while its session is (see authenticate): the signature says who and
+// which session, the sessions table says whether that session still stands.
+// Tokens issued before sessions existed ("<user id>.<expiry>") are refused as
+// invalid, so their holders sign in again.
 type tokenSigner struct {
 	key []byte
 	ttl time.Duration
@@ -32,28 +37,44 @@ var (
 	errTokenMissing = &apiError{status: http.StatusUnauthorized, msg: "missing token"}
 	errTokenInvalid = &apiError{status: http.StatusUnauthorized, msg: "invalid token"}
 	errTokenExpired = &apiError{status: http.StatusUnauthorized, msg: "token expired"}
+	errTokenInQuery = &apiError{status: http.StatusUnauthorized,
+		msg: "a token in the URL is accepted only by GET /api/messages; send Authorization: Bearer <token>"}
 )
 
-// maxTokenLen bounds what parse reads; real tokens are under 100 bytes.
+// maxTokenLen bounds what parse reads; real tokens are about 100 bytes.
 const maxTokenLen = 256
 
-// issue returns a token for userID that expires after the signer's TTL.
-func (ts *tokenSigner) issue(userID int64, now time.Time) (string, time.Time) {
-	exp := now.Add(ts.ttl).Truncate(time.Second)
-	payload := strconv.FormatInt(userID, 10) + "." + strconv.FormatInt(exp.Unix(), 10)
+// tokenClaims is what a valid token says.
+type tokenClaims struct {
+	userID    int64
+	sessionID int64
+	expires   time.Time
+}
+
+// issue returns a token for session sessionID of userID that expires after the
+// signer's TTL, or at notAfter (the session's hard end) if that comes first.
+func (ts *tokenSigner) issue(userID, sessionID int64, now, notAfter time.Time) (string, time.Time) {
+	exp := now.Add(ts.ttl)
+	if !notAfter.IsZero() && notAfter.Before(exp) {
+		exp = notAfter
+	}
+	exp = exp.Truncate(time.Second)
+	payload := strconv.FormatInt(userID, 10) + "." + strconv.FormatInt(sessionID, 10) + "." + strconv.FormatInt(exp.Unix(), 10)
 	enc := base64.RawURLEncoding
 	return enc.EncodeToString([]byte(payload)) + "." + enc.EncodeToString(ts.sign("token:"+payload)), exp
 }
 
-// parse checks token and returns its user id and expiry. It returns errTokenInvalid
-// for a malformed or forged token and errTokenExpired for one past its expiry.
-func (ts *tokenSigner) parse(token string, now time.Time) (int64, time.Time, error) {
+// parse checks token and returns what it says. It returns errTokenInvalid for a
+// malformed or forged token (or one in the format from before sessions) and
+// errTokenExpired for one past its expiry.
+func (ts *tokenSigner) parse(token string, now time.Time) (tokenClaims, error) {
+	var c tokenClaims
 	if len(token) > maxTokenLen {
-		return 0, time.Time{}, errTokenInvalid
+		return c, errTokenInvalid
 	}
 	p64, s64, ok := strings.Cut(token, ".")
 	if !ok {
-		return 0, time.Time{}, errTokenInvalid
+		return c, errTokenInvalid
 	}
 	enc := base64.RawURLEncoding
 	payload, err1 := enc.DecodeString(p64)
@@ -62,19 +83,23 @@ func (ts *tokenSigner) parse(token string, now time.Time) (int64, time.Time, err
 	// so several strings decode alike: only the one issue writes is the token.
 	canonical := enc.EncodeToString(payload) == p64 && enc.EncodeToString(sig) == s64
 	if err1 != nil || err2 != nil || !canonical || !hmac.Equal(sig, ts.sign("token:"+string(payload))) {
-		return 0, time.Time{}, errTokenInvalid
+		return c, errTokenInvalid
 	}
-	uid, expStr, ok := strings.Cut(string(payload), ".")
-	userID, err1 := strconv.ParseInt(uid, 10, 64)
-	expUnix, err2 := strconv.ParseInt(expStr, 10, 64)
-	if !ok || err1 != nil || err2 != nil || userID <= 0 {
-		return 0, time.Time{}, errTokenInvalid
+	fields := strings.Split(string(payload), ".")
+	if len(fields) != 3 {
+		return c, errTokenInvalid
 	}
-	exp := time.Unix(expUnix, 0)
-	if !now.Before(exp) {
-		return 0, time.Time{}, errTokenExpired
+	userID, err1 := strconv.ParseInt(fields[0], 10, 64)
+	sessionID, err2 := strconv.ParseInt(fields[1], 10, 64)
+	expUnix, err3 := strconv.ParseInt(fields[2], 10, 64)
+	if err1 != nil || err2 != nil || err3 != nil || userID <= 0 || sessionID <= 0 {
+		return c, errTokenInvalid
 	}
-	return userID, exp, nil
+	c = tokenClaims{userID: userID, sessionID: sessionID, expires: time.Unix(expUnix, 0)}
+	if !now.Before(c.expires) {
+		return tokenClaims{}, errTokenExpired
+	}
+	return c, nil
 }
 
 func (ts *tokenSigner) sign(msg string) []byte {
@@ -83,10 +108,12 @@ func (ts *tokenSigner) sign(msg string) []byte {
 	return mac.Sum(nil)
 }
 
-// session is who made a request, as its token says.
+// session is who made a request, as its token and the sessions table say.
 type session struct {
-	userID  int64
-	expires time.Time
+	userID    int64
+	sessionID int64
+	expires   time.Time // the token's expiry
+	ends      time.Time // the session's hard end, which no refresh moves
 }
 
 type sessionKey struct{}
@@ -97,26 +124,65 @@ func sessionFrom(ctx context.Context) session {
 	return s
 }
 
-// authenticate lets a request through only with a valid token, from the
-// Authorization header or, for EventSource which cannot set headers, ?token=.
-func (s *server) authenticate(h http.HandlerFunc) http.HandlerFunc {
+// authenticate lets a request through only with a valid token of a session that
+// has not ended: a primary-key lookup of the sessions table, remembered for at
+// most sessionCacheTTL (see sessions.go), so an ended session (signed out, its
+// user deleted, past SESSION_MAX_AGE) is refused within that time on every
+// instance. The token comes from the Authorization header. Only when queryToken
+// is set (the event stream: EventSource cannot send headers) is ?token= accepted
+// too; anywhere else a token in the URL is refused, since URLs reach the logs of
+// proxies and browsers (this server never logs the query).
+func (s *server) authenticate(h http.HandlerFunc, queryToken bool) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		token, err := bearerToken(r)
-		var userID int64
-		var exp time.Time
-		if err == nil {
-			userID, exp, err = s.tokens.parse(token, time.Now())
-		}
+		sess, err := s.checkToken(r, queryToken)
 		if err != nil {
 			s.respondError(w, r, err)
 			return
 		}
-		ctx := context.WithValue(r.Context(), sessionKey{}, session{userID: userID, expires: exp})
-		h(w, r.WithContext(ctx))
+		h(w, r.WithContext(context.WithValue(r.Context(), sessionKey{}, sess)))
 	}
 }
 
-func bearerToken(r *http.Request) (string, error) {
+// checkToken returns the session of the request's token (see authenticate). It
+// returns errSessionEnded for a well-signed token whose session ended.
+func (s *server) checkToken(r *http.Request, queryToken bool) (session, error) {
+	token, err := bearerToken(r, queryToken)
+	if err != nil {
+		return session{}, err
+	}
+	c, err := s.tokens.parse(token, time.Now())
+	if err != nil {
+		return session{}, err
+	}
+	sess := session{userID: c.userID, sessionID: c.sessionID, expires: c.expires}
+	now := time.Now()
+	ends, gen, ok := s.sessionCache.get(c.sessionID, c.userID, now)
+	if ok {
+		sess.ends = ends
+		return sess, nil
+	}
+	err = s.db.QueryRowContext(r.Context(), `
+		SELECT expires_at FROM sessions
+		WHERE id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > now()`,
+		c.sessionID, c.userID).Scan(&sess.ends)
+	if errors.Is(err, sql.ErrNoRows) {
+		return session{}, errSessionEnded
+	}
+	if err != nil {
+		return session{}, fmt.Errorf("check session: %w", err)
+	}
+	s.sessionCache.put(c.sessionID, c.userID, sess.ends, now, gen)
+	return sess, nil
+}
+
+// bearerToken returns the request's token: from the Authorization header, or from
+// ?token= if queryToken is set. A ?token= where it is not accepted is refused
+// even next to a good header, so that clients stop putting tokens in URLs.
+func bearerToken(r *http.Request, queryToken bool) (string, error) {
+	query := r.URL.Query()
+	if !queryToken && query.Has("token") {
+		return "", errTokenInQuery
+	}
 	if h := r.Header.Get("Authorization"); h != "" {
 		scheme, token, ok := strings.Cut(h, " ")
 		if !ok || !strings.EqualFold(scheme, "Bearer") || token == "" {
@@ -124,7 +190,7 @@ func bearerToken(r *http.Request) (string, error) {
 		}
 		return strings.TrimSpace(token), nil
 	}
-	if token := r.URL.Query().Get("token"); token != "" {
+	if token := query.Get("token"); token != "" {
 		return token, nil
 	}
 	return "", errTokenMissing
@@ -166,7 +232,11 @@ func (s *server) handleLogin() http.HandlerFunc {
 			s.respondError(w, r, err)
 			return
 		}
-		token, exp := s.tokens.issue(user.ID, time.Now())
+		token, exp, err := s.startSession(r.Context(), user.ID)
+		if err != nil {
+			s.respondError(w, r, err)
+			return
+		}
 		respond(w, http.StatusOK, authResponse{AuthUser: user, Token: token, ExpiresAt: exp.UTC()})
 	}
 }
@@ -186,23 +256,56 @@ func (s *server) handleAuthUser() http.HandlerFunc {
 	}
 }
 
-// handleRefreshToken serves POST /api/refresh_token: a fresh token for the caller.
+// handleRefreshToken serves POST /api/refresh_token: a fresh token for the caller's
+// session. It expires after TOKEN_TTL or at the session's hard end, whichever
+// comes first: refreshing never carries a session past SESSION_MAX_AGE.
 func (s *server) handleRefreshToken() http.HandlerFunc {
 	type response struct {
 		Token     string    `json:"token"`
 		ExpiresAt time.Time `json:"expiresAt"`
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
-		me := sessionFrom(r.Context()).userID
-		if _, err := userByID(r.Context(), s.db, me); err != nil {
-			if errors.Is(err, errNotFound) {
-				err = errTokenInvalid // the token names a user that no longer exists
-			}
+		sess := sessionFrom(r.Context())
+		var ends time.Time
+		err := s.db.QueryRowContext(r.Context(), `
+			UPDATE sessions SET refreshed_at = now()
+			WHERE id = $1 AND ended_at IS NULL AND expires_at > now()
+			RETURNING expires_at`, sess.sessionID).Scan(&ends)
+		if errors.Is(err, sql.ErrNoRows) {
+			err = errSessionEnded // it ended since authenticate looked
+		}
+		if err != nil {
+			s.respondError(w, r, fmt.Errorf("refresh session: %w", err))
+			return
+		}
+		token, exp := s.tokens.issue(sess.userID, sess.sessionID, time.Now(), ends)
+		respond(w, http.StatusOK, response{Token: token, ExpiresAt: exp.UTC()})
+	}
+}
+
+// handleLogout serves POST /api/logout: it ends the caller's session. Every token of
+// it is refused from then on, on every instance, and its streams end with a
+// session_ended event. The person's other sessions go on.
+func (s *server) handleLogout() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		sess := sessionFrom(r.Context())
+		if err := s.endSessions(r.Context(), sess.userID, sess.sessionID, 0, endSignedOut); err != nil {
 			s.respondError(w, r, err)
 			return
 		}
-		token, exp := s.tokens.issue(me, time.Now())
-		respond(w, http.StatusOK, response{Token: token, ExpiresAt: exp.UTC()})
+		w.WriteHeader(http.StatusNoContent)
+	}
+}
+
+// handleLogoutAll serves POST /api/logout/all: it ends every session of the caller,
+// this one included.
+func (s *server) handleLogoutAll() http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if err := s.endSessions(r.Context(), sessionFrom(r.Context()).userID, 0, 0, endSignedOutEverywhere); err != nil {
+			s.respondError(w, r, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
 	}
 }
 
@@ -305,7 +408,11 @@ func (s *server) handleGitHubCallback() http.HandlerFunc {
 			s.respondError(w, r, err)
 			return
 		}
-		token, exp := s.tokens.issue(user.ID, time.Now())
+		token, exp, err := s.startSession(ctx, user.ID)
+		if err != nil {
+			s.respondError(w, r, err)
+			return
+		}
 		frag := url.Values{"token": {token}, "expires_at": {exp.UTC().Format(time.RFC3339)}}
 		if nonce != "" {
 			frag.Set("nonce", nonce)

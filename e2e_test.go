@@ -924,3 +924,44 @@ func TestE2ESignIn(t *testing.T) {
 	}
 	p.screenshot("e2e-sign-in-github-only")
 }
+
+// TestE2ESignOut: every page shows who is signed in; Sign out ends the session on
+// the server (its token then gets 401) and leaves the person's other sessions be;
+// and a session ended elsewhere signs the page out through the stream's
+// session_ended event.
+func TestE2ESignOut(t *testing.T) {
+	ts := newTestServer(t)
+	name := uniqueName("hana")
+	bob := ts.newUser(t, "bob")
+	other := ts.login(t, name) // the same person on another device
+
+	b := newBrowser(t, ts, name, phone)
+	b.signIn(name)
+	shown := `!document.getElementById('signed-in-as').hidden && document.getElementById('account-name').textContent === ` + jsString(name)
+	b.waitUntil("the home page shows the account", shown)
+	conv := bob.startConversation(other)
+	b.do("open the conversation", chromedp.Navigate(ts.URL+"/conversations/"+conv.ID), chromedp.WaitVisible(chromedp.CSS("#message-form")))
+	b.waitUntil("the conversation page shows the account", shown)
+	b.waitUntil("the history has loaded", `/beginning/.test(document.querySelector('.older-status')?.textContent)`)
+	b.screenshot("e2e-signed-in-account")
+	b.do("open a page that does not exist", chromedp.Navigate(ts.URL+"/no/such/page"))
+	b.waitUntil("the not-found page shows the account", `document.querySelector('h1')?.textContent === 'Page not found' && `+shown)
+
+	token := eval[string](b, `JSON.parse(localStorage.getItem('messenger.auth')).token`)
+	b.do("sign out", chromedp.Click(chromedp.CSS("#sign-out")))
+	b.waitUntil("the sign-in page shows, the account gone", `location.pathname === '/login' && localStorage.getItem('messenger.auth') === null &&
+		document.getElementById('signed-in-as').hidden && document.getElementById('sign-out').hidden`)
+	ended := &client{t: t, base: ts.URL, Token: token}
+	ended.mustDo("GET", "/api/auth_user", nil, http.StatusUnauthorized, nil)
+	other.mustDo("GET", "/api/auth_user", nil, http.StatusOK, nil)
+
+	// Signed out from elsewhere: the stream's session_ended signs this page out.
+	b.signIn(name)
+	b.waitUntil("the home page shows the account", shown)
+	waitFor(t, e2eWait, "the page's stream to open", func() bool { return metricValue(t, ts, "messenger_streams_open") >= 1 })
+	token = eval[string](b, `JSON.parse(localStorage.getItem('messenger.auth')).token`)
+	(&client{t: t, base: ts.URL, Token: token}).mustDo("POST", "/api/logout", nil, http.StatusNoContent, nil)
+	b.waitUntil("the sign-in page says why", `location.pathname === '/login' && localStorage.getItem('messenger.auth') === null &&
+		document.getElementById('login-message').textContent === 'You signed out in another window.'`)
+	other.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil)
+}

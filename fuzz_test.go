@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
 	"io"
 	"math"
@@ -155,18 +156,22 @@ func FuzzParseID(f *testing.F) {
 func FuzzTokenParse(f *testing.F) {
 	signer := &tokenSigner{key: []byte("a fuzzing key of at least thirty-two bytes"), ttl: time.Hour}
 	now := time.Unix(1_800_000_000, 0)
-	valid, _ := signer.issue(42, now)
+	valid, _ := signer.issue(42, 7, now, time.Time{})
 	f.Add(valid, int64(42), uint16(0), byte('B'))
 	f.Add(valid[:len(valid)-1]+"B", int64(1), uint16(len(valid)-1), byte('B'))
 	f.Add("", int64(0), uint16(3), byte('.'))
 	f.Add("NDIuMTgwMDAwMzYwMA.", int64(-5), uint16(7), byte('\n'))
 	f.Add(valid[:10]+"\r\n"+valid[10:], int64(42), uint16(10), byte('\r'))
 	f.Add("a.b.c", int64(math.MaxInt64), uint16(65535), byte(0xff))
+	// A well-signed token in the format from before sessions (user.expiry).
+	old := base64.RawURLEncoding.EncodeToString([]byte("42.1800003600"))
+	f.Add(old+"."+base64.RawURLEncoding.EncodeToString(signer.sign("token:42.1800003600")), int64(42), uint16(0), byte('A'))
 	f.Fuzz(func(t *testing.T, token string, userID int64, pos uint16, b byte) {
 		// Any string: parse never panics and accepts only what issue produced.
-		if uid, exp, err := signer.parse(token, now); err == nil {
-			if want, _ := signer.issue(uid, exp.Add(-signer.ttl)); token != want || uid <= 0 || !now.Before(exp) {
-				t.Fatalf("parse(%q) accepted user %d until %v; issue makes %q", token, uid, exp, want)
+		if c, err := signer.parse(token, now); err == nil {
+			if want, _ := signer.issue(c.userID, c.sessionID, c.expires.Add(-signer.ttl), time.Time{}); token != want ||
+				c.userID <= 0 || c.sessionID <= 0 || !now.Before(c.expires) {
+				t.Fatalf("parse(%q) accepted %+v; issue makes %q", token, c, want)
 			}
 		} else if err != error(errTokenInvalid) && err != error(errTokenExpired) {
 			t.Fatalf("parse(%q): got %v, want errTokenInvalid or errTokenExpired", token, err)
@@ -177,14 +182,15 @@ func FuzzTokenParse(f *testing.F) {
 		if userID <= 0 {
 			userID = max(userID&math.MaxInt64, 1)
 		}
-		tok, exp := signer.issue(userID, now)
-		if uid, gotExp, err := signer.parse(tok, now); err != nil || uid != userID || !gotExp.Equal(exp) {
-			t.Fatalf("parse(issue(%d)) = %d, %v, %v; want %d, %v", userID, uid, gotExp, err, userID, exp)
+		sessionID := userID/2 + 1
+		tok, exp := signer.issue(userID, sessionID, now, time.Time{})
+		if c, err := signer.parse(tok, now); err != nil || c.userID != userID || c.sessionID != sessionID || !c.expires.Equal(exp) {
+			t.Fatalf("parse(issue(%d, %d)) = %+v, %v; want %d, %d, %v", userID, sessionID, c, err, userID, sessionID, exp)
 		}
-		if _, _, err := signer.parse(tok, exp.Add(-time.Nanosecond)); err != nil {
+		if _, err := signer.parse(tok, exp.Add(-time.Nanosecond)); err != nil {
 			t.Fatalf("parse(issue(%d)) just before expiry: %v", userID, err)
 		}
-		if _, _, err := signer.parse(tok, exp); err != error(errTokenExpired) {
+		if _, err := signer.parse(tok, exp); err != error(errTokenExpired) {
 			t.Fatalf("parse(issue(%d)) at expiry: got %v, want errTokenExpired", userID, err)
 		}
 		i := int(pos) % len(tok)
@@ -192,12 +198,12 @@ func FuzzTokenParse(f *testing.F) {
 			b ^= 0x01
 		}
 		changed := tok[:i] + string([]byte{b}) + tok[i+1:]
-		if uid, _, err := signer.parse(changed, now); err == nil {
-			t.Fatalf("parse(%q) accepted user %d: it is %q with byte %d changed", changed, uid, tok, i)
+		if c, err := signer.parse(changed, now); err == nil {
+			t.Fatalf("parse(%q) accepted %+v: it is %q with byte %d changed", changed, c, tok, i)
 		}
 		inserted := tok[:i] + string([]byte{b}) + tok[i:]
-		if uid, _, err := signer.parse(inserted, now); err == nil {
-			t.Fatalf("parse(%q) accepted user %d: it is %q with a byte inserted at %d", inserted, uid, tok, i)
+		if c, err := signer.parse(inserted, now); err == nil {
+			t.Fatalf("parse(%q) accepted %+v: it is %q with a byte inserted at %d", inserted, c, tok, i)
 		}
 	})
 }
@@ -250,8 +256,8 @@ func FuzzHTTP(f *testing.F) {
 	bob.startConversation(carol)
 	alice.send(conv.ID, "hello")
 	bob.send(conv.ID, "hi alice")
-	expired, _ := devSigner(f, ts, -time.Hour).issue(alice.User.ID, time.Now())
-	ghost, _ := devSigner(f, ts, time.Hour).issue(1<<40, time.Now())
+	expired, _ := devSigner(f, ts, -time.Hour).issue(alice.User.ID, 1, time.Now(), time.Time{})
+	ghost, _ := devSigner(f, ts, time.Hour).issue(1<<40, 1<<40, time.Now(), time.Time{})
 	tokens := []string{"", alice.Token, bob.Token, carol.Token, alice.Token, "garbage", expired, ghost}
 	host := strings.TrimPrefix(ts.URL, "http://")
 

@@ -41,7 +41,7 @@ func (s *server) addRoutes(r *way.Router) {
 		r.Handle(method, pattern, s.instrument(pattern, withTimeout(requestTimeout, h)))
 	}
 	authed := func(method, pattern string, h http.HandlerFunc) {
-		handle(method, pattern, s.authenticate(h))
+		handle(method, pattern, s.authenticate(h, false))
 	}
 
 	handle("POST", "/api/login", s.handleLogin())
@@ -49,6 +49,8 @@ func (s *server) addRoutes(r *way.Router) {
 	handle("GET", "/api/oauth/github/callback", s.handleGitHubCallback())
 	authed("GET", "/api/auth_user", s.handleAuthUser())
 	authed("POST", "/api/refresh_token", s.handleRefreshToken())
+	authed("POST", "/api/logout", s.handleLogout())
+	authed("POST", "/api/logout/all", s.handleLogoutAll())
 	authed("GET", "/api/usernames", s.handleUsernames())
 
 	authed("POST", "/api/conversations", s.handleCreateConversation())
@@ -59,8 +61,9 @@ func (s *server) addRoutes(r *way.Router) {
 	authed("GET", "/api/conversations/:id/messages", s.handleListMessages())
 	authed("POST", "/api/conversations/:id/read_messages", s.handleReadMessages())
 	authed("POST", "/api/conversations/:id/typing", s.handleTyping())
-	// The stream lives as long as its client: no request timeout.
-	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.handleStream())))
+	// The stream lives as long as its client: no request timeout. It is the one
+	// route that takes ?token=, since EventSource cannot send headers.
+	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.handleStream(), true)))
 
 	handle("GET", "/api/openapi.yaml", handleOpenAPI())
 	handle("GET", "/healthz", s.handleHealthz())

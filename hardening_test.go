@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -173,6 +174,16 @@ func devSigner(t testing.TB, ts *testServer, ttl time.Duration) *tokenSigner {
 	return &tokenSigner{key: []byte(key), ttl: ttl}
 }
 
+// mustParseToken returns what a token the server issued says.
+func mustParseToken(t testing.TB, signer *tokenSigner, token string) tokenClaims {
+	t.Helper()
+	c, err := signer.parse(token, time.Now())
+	if err != nil {
+		t.Fatalf("parse token: %v", err)
+	}
+	return c
+}
+
 // flipBase64Char returns s with the base64url character at i replaced by one whose
 // top bit differs, which is always significant, so the decoded bytes change.
 func flipBase64Char(s string, i int) string {
@@ -196,9 +207,18 @@ func TestHardeningBadRequests(t *testing.T) {
 		http.StatusCreated, nil, "Idempotency-Key: key-1")
 
 	signer := devSigner(t, ts, time.Hour)
-	expired, _ := (&tokenSigner{key: signer.key, ttl: -time.Hour}).issue(alice.User.ID, time.Now())
-	ghost, _ := signer.issue(1<<40, time.Now()) // a well-signed token for a user that does not exist
-	forged, _ := (&tokenSigner{key: []byte(strings.Repeat("f", 32)), ttl: time.Hour}).issue(alice.User.ID, time.Now())
+	aliceSession := mustParseToken(t, signer, alice.Token).sessionID
+	expired, _ := (&tokenSigner{key: signer.key, ttl: -time.Hour}).issue(alice.User.ID, aliceSession, time.Now(), time.Time{})
+	// Well-signed tokens for a user and a session that do not exist, for alice with
+	// a session that does not exist, and for alice with bob's session.
+	ghost, _ := signer.issue(1<<40, 1<<40, time.Now(), time.Time{})
+	noSession, _ := signer.issue(alice.User.ID, 1<<40, time.Now(), time.Time{})
+	otherSession, _ := signer.issue(alice.User.ID, mustParseToken(t, signer, bob.Token).sessionID, time.Now(), time.Time{})
+	forged, _ := (&tokenSigner{key: []byte(strings.Repeat("f", 32)), ttl: time.Hour}).issue(alice.User.ID, aliceSession, time.Now(), time.Time{})
+	// A well-signed token in the format from before sessions: user.expiry.
+	oldPayload := fmt.Sprintf("%d.%d", alice.User.ID, time.Now().Add(time.Hour).Unix())
+	oldFormat := base64.RawURLEncoding.EncodeToString([]byte(oldPayload)) + "." +
+		base64.RawURLEncoding.EncodeToString(signer.sign("token:"+oldPayload))
 	_, aliceSig, _ := strings.Cut(alice.Token, ".")
 	bobPayload, _, _ := strings.Cut(bob.Token, ".")
 	swapped := bobPayload + "." + aliceSig // bob's payload under alice's signature
@@ -293,7 +313,7 @@ func TestHardeningBadRequests(t *testing.T) {
 		{name: "send idempotency key reused for other content", method: "POST", path: P + "/messages", body: content("second"), header: []string{"Idempotency-Key: key-1"}, want: 422},
 		{name: "send idempotency key reused in other conversation", method: "POST", path: "/api/conversations/" + conv2.ID + "/messages", body: content("first"), header: []string{"Idempotency-Key: key-1"}, want: 422},
 		{name: "send no token", method: "POST", path: P + "/messages", body: content("hi"), auth: none, want: 401},
-		{name: "send ghost token", method: "POST", path: P + "/messages", body: content("hi"), auth: "Bearer " + ghost, want: 404},
+		{name: "send ghost token", method: "POST", path: P + "/messages", body: content("hi"), auth: "Bearer " + ghost, want: 401},
 
 		// Cursors and oversized query parameters.
 		{name: "conversations before=abc", method: "GET", path: "/api/conversations?before=abc", want: 400},
@@ -346,6 +366,16 @@ func TestHardeningBadRequests(t *testing.T) {
 		{name: "token expired send", method: "POST", path: P + "/messages", body: content("hi"), auth: "Bearer " + expired, want: 401},
 		{name: "token expired read", method: "POST", path: P + "/read_messages", auth: "Bearer " + expired, want: 401},
 		{name: "token bad header beats good query", method: "GET", path: "/api/auth_user?token=" + alice.Token, auth: "Bearer garbage", want: 401},
+		{name: "token no such session", method: "GET", path: "/api/auth_user", auth: "Bearer " + noSession, want: 401},
+		{name: "token another user's session", method: "GET", path: "/api/auth_user", auth: "Bearer " + otherSession, want: 401},
+		{name: "token from before sessions", method: "GET", path: "/api/auth_user", auth: "Bearer " + oldFormat, want: 401},
+		{name: "token from before sessions on the stream", method: "GET", path: "/api/messages?token=" + oldFormat, auth: none, header: []string{"Accept: text/event-stream"}, want: 401},
+		{name: "token no such session refresh", method: "POST", path: "/api/refresh_token", auth: "Bearer " + noSession, want: 401},
+		{name: "logout no token", method: "POST", path: "/api/logout", auth: none, want: 401},
+		{name: "logout all no token", method: "POST", path: "/api/logout/all", auth: none, want: 401},
+		{name: "logout ghost token", method: "POST", path: "/api/logout", auth: "Bearer " + ghost, want: 401},
+		{name: "logout all in query", method: "POST", path: "/api/logout/all?token=" + alice.Token, auth: none, want: 401},
+		{name: "logout GET", method: "GET", path: "/api/logout", want: 404},
 
 		// Routes that do not exist.
 		{name: "unknown API path", method: "GET", path: "/api/nope", want: 404},

@@ -47,6 +47,10 @@ type config struct {
 	tokenKey    []byte // empty: taken from the database (development only)
 	tokenTTL    time.Duration
 
+	sessionMaxAge        time.Duration // hard end of a session, whatever refreshes
+	sessionCheckInterval time.Duration // how often streams' sessions are checked
+	maxSessionsPerUser   int           // open sessions a user keeps; a sign-in ends the oldest
+
 	githubClientID     string
 	githubClientSecret string
 	githubWebURL       string // where users authorize (https://github.com)
@@ -109,6 +113,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, errors.New("TOKEN_KEY is required unless DEV_LOGIN=true (generate one with: openssl rand -hex 32)")
 	}
 	if cfg.tokenTTL, err = parseDuration(getenv, "TOKEN_TTL", 14*24*time.Hour); err != nil {
+		return cfg, err
+	}
+	if cfg.sessionMaxAge, err = parseDuration(getenv, "SESSION_MAX_AGE", 30*24*time.Hour); err != nil {
+		return cfg, err
+	}
+	if cfg.sessionCheckInterval, err = parseDuration(getenv, "SESSION_CHECK_INTERVAL", 5*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.maxSessionsPerUser, err = parseInt(getenv, "MAX_SESSIONS_PER_USER", 50); err != nil {
 		return cfg, err
 	}
 	if cfg.keepAlive, err = parseDuration(getenv, "SSE_KEEPALIVE", 15*time.Second); err != nil {
@@ -245,6 +258,8 @@ type server struct {
 	sends    *sendBatcher
 	done     chan struct{} // closed when the background goroutines have stopped
 	stop     context.CancelFunc
+
+	sessionCache *sessionCache // open sessions, remembered briefly (see sessions.go)
 }
 
 // newServer opens the database, applies the schema and starts the fan-out from
@@ -269,6 +284,8 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		metrics: m,
 		logger:  logger,
 		done:    make(chan struct{}),
+
+		sessionCache: newSessionCache(),
 	}
 	s.notifier = newNotifier(db, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
@@ -278,10 +295,17 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 			logger.Warn("event listener", "state", ev.String(), "err", err)
 		}
 	})
-	if err := s.listener.Listen(notifyChannel); err != nil {
-		s.listener.Close()
-		db.Close()
-		return nil, fmt.Errorf("listen for events: %w", err)
+	for _, channel := range []string{notifyChannel, sessionsChannel} {
+		if err := s.listener.Listen(channel); err != nil {
+			s.listener.Close()
+			db.Close()
+			return nil, fmt.Errorf("listen for events: %w", err)
+		}
+	}
+	sessions := newSessionWatcher(s.hub, db, cfg.sessionCheckInterval, logger)
+	s.hub.sessionNotes = func(payload string) {
+		s.sessionCache.clear()
+		sessions.noted(payload)
 	}
 	bg, stop := context.WithCancel(context.Background())
 	s.stop = stop
@@ -290,6 +314,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	wg.Go(func() { s.sends.run(bg) })
 	wg.Go(func() { s.notifier.run(bg) })
 	wg.Go(func() { s.cleanUp(bg) })
+	wg.Go(func() { sessions.run(bg) })
 	go func() {
 		wg.Wait()
 		close(s.done)
@@ -375,13 +400,17 @@ func (s *server) close() {
 	s.db.Close()
 }
 
-// cleanUp deletes expired idempotency keys once an hour.
+// cleanUp deletes expired idempotency keys and sessions once an hour.
 func (s *server) cleanUp(ctx context.Context) {
 	t := time.NewTicker(time.Hour)
 	defer t.Stop()
 	for {
 		if _, err := s.db.ExecContext(ctx, `DELETE FROM idempotency_keys WHERE created_at < now() - interval '48 hours'`); err != nil && ctx.Err() == nil {
 			s.logger.Warn("clean up idempotency keys", "err", err)
+		}
+		// An ended session's row stays a day, so that streams learn why it ended.
+		if _, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE expires_at < now() OR ended_at < now() - interval '1 day'`); err != nil && ctx.Err() == nil {
+			s.logger.Warn("clean up sessions", "err", err)
 		}
 		select {
 		case <-ctx.Done():

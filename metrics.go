@@ -22,6 +22,7 @@ type metrics struct {
 	streamsDroppedSlow prometheus.Counter
 	listenerReconnects prometheus.Counter
 	notifyFailures     prometheus.Counter
+	sessionsEnded      *prometheus.CounterVec
 }
 
 func newMetrics(db *sql.DB) *metrics {
@@ -49,8 +50,11 @@ func newMetrics(db *sql.DB) *metrics {
 		notifyFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "messenger_notify_failures_total", Help: "NOTIFY round trips that failed (their events reach streams at the next sync).",
 		}),
+		sessionsEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_sessions_ended_total", Help: "Sessions ended through this instance, by reason (signed_out, signed_out_everywhere, too_many_sessions).",
+		}, []string{"reason"}),
 	}
-	m.registry.MustRegister(m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
+	m.registry.MustRegister(m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
 		m.streamsDroppedSlow, m.listenerReconnects,
 		collectors.NewDBStatsCollector(db, "messenger"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -68,6 +68,9 @@ type Hub struct {
 	logger  *slog.Logger
 	running sync.WaitGroup // registered streams, until they unregister (see handleStream)
 
+	// sessionNotes, if set, takes the payloads of sessionsChannel's notifications.
+	sessionNotes func(payload string)
+
 	mu      sync.RWMutex               // guards streams and closed
 	streams map[int64]map[*stream]bool // user id → that user's open streams
 	closed  bool                       // set on shutdown: no new streams
@@ -84,6 +87,11 @@ type stream struct {
 	done   chan struct{} // closed by end: the hub wants this stream gone
 	ended  atomic.Bool
 	slow   atomic.Bool // ended because it fell behind
+
+	// sessionID is the session of the token that opened the stream, and
+	// sessionEnded why that session ended, if that is why the stream was ended.
+	sessionID    int64
+	sessionEnded atomic.Pointer[string]
 }
 
 // end asks the stream to finish; it reports whether this call was the first.
@@ -95,9 +103,10 @@ func (st *stream) end() bool {
 	return false
 }
 
-// register adds a stream for user; it returns nil once the hub is shutting down.
-func (h *Hub) register(user int64) *stream {
-	st := &stream{userID: user, events: make(chan *event, h.buffer), done: make(chan struct{})}
+// register adds a stream for user's session; it returns nil once the hub is
+// shutting down.
+func (h *Hub) register(user, session int64) *stream {
+	st := &stream{userID: user, sessionID: session, events: make(chan *event, h.buffer), done: make(chan struct{})}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.closed {
@@ -195,8 +204,11 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 				}
 				continue
 			}
-			if n.Channel == notifyChannel {
+			switch {
+			case n.Channel == notifyChannel:
 				h.dispatch(n.Extra)
+			case n.Channel == sessionsChannel && h.sessionNotes != nil:
+				h.sessionNotes(n.Extra)
 			}
 		}
 	}
@@ -418,7 +430,7 @@ func (s *server) handleStream() http.HandlerFunc {
 			s.respondError(w, r, err)
 			return
 		}
-		st := s.hub.register(sess.userID)
+		st := s.hub.register(sess.userID, sess.sessionID)
 		if st == nil {
 			s.respondError(w, r, &apiError{status: http.StatusServiceUnavailable, msg: "server is shutting down", retryAfter: time.Second})
 			return
@@ -521,6 +533,11 @@ func (sc *streamConn) serve(replay bool) {
 			reason = "ended by the server"
 			if st.slow.Load() {
 				reason = "too slow"
+			}
+			if why := st.sessionEnded.Load(); why != nil {
+				reason = "session ended: " + *why
+				sc.out.write(sessionEndedFrame(*why))
+				sc.out.flush()
 			}
 			return
 		case <-expiry.C:

@@ -10,6 +10,8 @@ import { mountConversation } from './conversation.js';
 const root = document.getElementById('app');
 const reconnecting = document.getElementById('reconnecting');
 const signOutButton = document.getElementById('sign-out');
+const signedInAs = document.getElementById('signed-in-as');
+const accountName = document.getElementById('account-name');
 
 let view = null; // the mounted page: {unmount, onMessage, onRead, onTyping, conversationId}
 let me = null; // the signed-in User, once known
@@ -43,7 +45,25 @@ const stream = createStream({
   onStatus(status) {
     reconnecting.hidden = status === 'open';
   },
+  onSessionEnded(event) {
+    signOut(SESSION_ENDED[event?.reason] ?? SESSION_ENDED.ended);
+  },
 });
+
+// What the sign-in page says when the server ended the session, by the reason the
+// stream's session_ended event gives; never text from the server.
+const SESSION_ENDED = {
+  signed_out: 'You signed out in another window.',
+  signed_out_everywhere: 'You signed out everywhere.',
+  ended: 'Your session has ended. Please sign in again.',
+};
+
+// showAccount shows who is signed in, in the header of every page.
+function showAccount() {
+  accountName.textContent = me?.username ?? '';
+  signedInAs.title = me ? `Signed in as ${me.username}` : '';
+  signedInAs.hidden = !me;
+}
 
 function setUnread(id, count) {
   if (count > 0) unread.set(id, count);
@@ -70,6 +90,7 @@ const ctx = {
   signedIn(user, token, expiresAt) {
     saveAuth(token, expiresAt);
     me = user;
+    showAccount();
     navigate('/', { replace: true });
   },
   takeFlash() {
@@ -85,8 +106,12 @@ function startSession() {
   signOutButton.hidden = false;
   stream.start();
   if (!me) {
-    api('GET', '/api/auth_user').then((user) => (me = user), () => {});
+    api('GET', '/api/auth_user').then((user) => {
+      me = user;
+      showAccount();
+    }, () => {});
   }
+  showAccount();
   refreshTokenIfOld();
 }
 
@@ -109,6 +134,7 @@ function signOut(message = '') {
   stream.stop();
   sessionStarted = false;
   me = null;
+  showAccount();
   unread.clear();
   readByOther.clear();
   seenMessages.clear();
@@ -188,7 +214,19 @@ onUnauthorized(() => {
   if (sessionStarted || location.pathname !== '/login') signOut('Your session has ended. Please sign in again.');
 });
 
-signOutButton.addEventListener('click', () => signOut());
+// Sign out ends the session on the server (its token then works nowhere), then here.
+signOutButton.addEventListener('click', async () => {
+  signOutButton.disabled = true;
+  stream.stop(); // this tab needs no session_ended of its own
+  try {
+    await api('POST', '/api/logout');
+  } catch {
+    // Offline, or already ended: forgetting the token here is all that is left.
+  } finally {
+    signOutButton.disabled = false;
+  }
+  if (sessionStarted) signOut();
+});
 
 // Same-origin links move between pages without reloading; /api/ links are real requests.
 document.addEventListener('click', (e) => {

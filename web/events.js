@@ -3,8 +3,9 @@
 import { api, getAuth } from './client.js';
 
 // createStream returns {start, stop}. Handlers get the decoded event data;
-// onStatus gets 'open' or 'reconnecting'.
-export function createStream({ onMessage, onRead, onTyping, onStatus }) {
+// onStatus gets 'open' or 'reconnecting'. onSessionEnded gets {reason} when the
+// server ends the stream because the session was signed out or ended.
+export function createStream({ onMessage, onRead, onTyping, onStatus, onSessionEnded }) {
   let source = null;
   let lastEventId = '';
   let timer = 0;
@@ -35,6 +36,7 @@ export function createStream({ onMessage, onRead, onTyping, onStatus }) {
     es.onmessage = (e) => deliver(e, onMessage);
     es.addEventListener('read', (e) => deliver(e, onRead));
     es.addEventListener('typing', (e) => deliver(e, onTyping));
+    es.addEventListener('session_ended', (e) => deliver(e, onSessionEnded));
   }
 
   function deliver(e, handler) {

@@ -1,0 +1,325 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// Sessions. Every sign-in starts a session, a row of the sessions table with a hard
+// end (SESSION_MAX_AGE after it started), and every token names its session.
+// authenticate looks the session up (one primary-key lookup), remembering an open
+// session for at most sessionCacheTTL, so a session that ends (signed out, its
+// user deleted, past its end, ended by an operator) stops every token of it within
+// that time on every instance: at once on the instance that ended it and, through
+// the notification below, within milliseconds on the others. Refreshing issues a
+// new token for the same session, never past its end.
+//
+// Streams are not checked per event, to keep sessions off the delivery path.
+// Ending sessions announces the user on sessionsChannel; each instance's
+// sessionWatcher then checks that user's local streams against the table (one
+// query) and ends those whose session ended, with a session_ended event that says
+// why. Every SESSION_CHECK_INTERVAL it checks every local stream the same way, in
+// one query per thousand streams, which catches a lost notification, a deleted
+// user and a session an operator ended in SQL.
+
+// sessionsChannel is the PostgreSQL channel on which ended sessions are announced:
+// the payload is {"user": <id>}, meaning "some sessions of this user ended".
+const sessionsChannel = "messenger_sessions"
+
+// Why a session ended: the values of sessions.end_reason and of the session_ended
+// event's reason. endGone is for a session whose row is gone (its user was
+// deleted); endRevoked is for operators, who end sessions in SQL.
+const (
+	endSignedOut           = "signed_out"
+	endSignedOutEverywhere = "signed_out_everywhere"
+	endTooMany             = "too_many_sessions"
+	endRevoked             = "revoked"
+	endExpired             = "expired"
+	endGone                = "ended"
+)
+
+var errSessionEnded = &apiError{status: http.StatusUnauthorized, msg: "session ended; sign in again"}
+
+// startSession starts a session for user and returns its first token. A user keeps
+// at most MAX_SESSIONS_PER_USER open sessions: signing in once more ends the
+// oldest.
+func (s *server) startSession(ctx context.Context, user int64) (string, time.Time, error) {
+	var id int64
+	var ends time.Time
+	err := s.db.QueryRowContext(ctx, `
+		INSERT INTO sessions (user_id, expires_at) VALUES ($1, now() + $2 * interval '1 millisecond')
+		RETURNING id, expires_at`, user, s.cfg.sessionMaxAge.Milliseconds()).Scan(&id, &ends)
+	if err != nil {
+		return "", time.Time{}, fmt.Errorf("start session: %w", err)
+	}
+	if err := s.endSessions(ctx, user, 0, s.cfg.maxSessionsPerUser, endTooMany); err != nil {
+		return "", time.Time{}, err
+	}
+	token, exp := s.tokens.issue(user, id, time.Now(), ends)
+	return token, exp, nil
+}
+
+// endSessions ends user's open sessions, with reason: only session if it is not 0,
+// else all but the newest keep (0: all of them). It announces the user on
+// sessionsChannel, in the same statement, when it ended any.
+func (s *server) endSessions(ctx context.Context, user, session int64, keep int, reason string) error {
+	var n int
+	err := s.db.QueryRowContext(ctx, `
+		WITH ended AS (
+			UPDATE sessions SET ended_at = now(), end_reason = $4
+			WHERE id IN (
+				SELECT id FROM sessions
+				WHERE user_id = $1 AND ($2 = 0 OR id = $2) AND ended_at IS NULL
+				ORDER BY id DESC OFFSET $3)
+			RETURNING id)
+		SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify($5, json_build_object('user', $1::bigint)::text) END
+		FROM ended`, user, session, keep, reason, sessionsChannel).Scan(&n, new(sql.NullString))
+	if err != nil {
+		return fmt.Errorf("end sessions: %w", err)
+	}
+	if n > 0 {
+		s.sessionCache.clear()
+	}
+	s.metrics.sessionsEnded.WithLabelValues(reason).Add(float64(n))
+	return nil
+}
+
+// sessionCacheTTL is how long authenticate trusts a session it found open without
+// looking again; it bounds how long a session ended without a notification (a
+// deleted user, an operator's UPDATE, a lost NOTIFY) is still accepted here.
+const sessionCacheTTL = 500 * time.Millisecond
+
+// maxCachedSessions bounds the cache; when it is full, stale entries are dropped,
+// and if that frees nothing, all of them.
+const maxCachedSessions = 100_000
+
+// sessionCache remembers the sessions authenticate found open. It is emptied
+// whenever a session ends here and on every notification on sessionsChannel.
+type sessionCache struct {
+	mu      sync.Mutex // guards entries and gen
+	entries map[int64]cachedSession
+	gen     uint64 // bumped by clear: a lookup that began before may not store its answer
+}
+
+type cachedSession struct {
+	userID  int64
+	ends    time.Time // the session's hard end
+	checked time.Time
+}
+
+func newSessionCache() *sessionCache {
+	return &sessionCache{entries: make(map[int64]cachedSession)}
+}
+
+// get returns the hard end of session of user if it was found open less than
+// sessionCacheTTL ago; otherwise ok is false and gen is what put needs.
+func (c *sessionCache) get(session, user int64, now time.Time) (ends time.Time, gen uint64, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, found := c.entries[session]
+	if found && e.userID == user && now.Sub(e.checked) < sessionCacheTTL && now.Before(e.ends) {
+		return e.ends, c.gen, true
+	}
+	return time.Time{}, c.gen, false
+}
+
+// put remembers that session of user was open at checked, unless the cache was
+// cleared since get returned gen.
+func (c *sessionCache) put(session, user int64, ends, checked time.Time, gen uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return
+	}
+	if len(c.entries) >= maxCachedSessions {
+		for id, e := range c.entries {
+			if checked.Sub(e.checked) >= sessionCacheTTL {
+				delete(c.entries, id)
+			}
+		}
+		if len(c.entries) >= maxCachedSessions {
+			clear(c.entries)
+		}
+	}
+	c.entries[session] = cachedSession{userID: user, ends: ends, checked: checked}
+}
+
+// clear forgets every session.
+func (c *sessionCache) clear() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	clear(c.entries)
+	c.gen++
+}
+
+// sessionWatcher ends the local streams of sessions that ended.
+type sessionWatcher struct {
+	hub      *Hub
+	db       *sql.DB
+	logger   *slog.Logger
+	interval time.Duration
+
+	mu    sync.Mutex     // guards users
+	users map[int64]bool // users announced on sessionsChannel, to check at once
+	wake  chan struct{}
+}
+
+func newSessionWatcher(hub *Hub, db *sql.DB, interval time.Duration, logger *slog.Logger) *sessionWatcher {
+	return &sessionWatcher{hub: hub, db: db, logger: logger, interval: interval,
+		users: make(map[int64]bool), wake: make(chan struct{}, 1)}
+}
+
+// noted takes a notification from sessionsChannel. It never waits: the user is
+// queued for the next check, if any of their streams is open here (so the queue
+// holds at most one entry per local user).
+func (sw *sessionWatcher) noted(payload string) {
+	var n struct {
+		User int64 `json:"user"`
+	}
+	if err := json.Unmarshal([]byte(payload), &n); err != nil {
+		sw.logger.Error("decode session notification", "err", err)
+		return
+	}
+	if !sw.hub.hasStreams(n.User) {
+		return
+	}
+	sw.mu.Lock()
+	sw.users[n.User] = true
+	sw.mu.Unlock()
+	select {
+	case sw.wake <- struct{}{}:
+	default:
+	}
+}
+
+// run checks the announced users' streams as they come, and every stream every
+// interval, until ctx is done.
+func (sw *sessionWatcher) run(ctx context.Context) {
+	t := time.NewTicker(sw.interval)
+	defer t.Stop()
+	for {
+		var users []int64 // nil: everyone's
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-sw.wake:
+			sw.mu.Lock()
+			for u := range sw.users {
+				users = append(users, u)
+			}
+			clear(sw.users)
+			sw.mu.Unlock()
+		}
+		if err := sw.check(ctx, sw.hub.streamSessions(users)); err != nil && ctx.Err() == nil {
+			sw.logger.Warn("check stream sessions", "err", err)
+		}
+	}
+}
+
+// check ends the local streams of those of sessions that have ended.
+func (sw *sessionWatcher) check(ctx context.Context, sessions []int64) error {
+	const chunk = 1000
+	for len(sessions) > 0 {
+		n := min(len(sessions), chunk)
+		ended, err := endedSessions(ctx, sw.db, sessions[:n])
+		if err != nil {
+			return err
+		}
+		if len(ended) > 0 {
+			sw.hub.endSessionStreams(ended)
+		}
+		sessions = sessions[n:]
+	}
+	return nil
+}
+
+// endedSessions returns those of sessions that have ended, with why.
+func endedSessions(ctx context.Context, db *sql.DB, sessions []int64) (map[int64]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	rows, err := db.QueryContext(ctx, `
+		SELECT q.id, CASE WHEN s.id IS NULL THEN $2
+		                  WHEN s.ended_at IS NOT NULL THEN coalesce(s.end_reason, $3)
+		                  ELSE $4 END
+		FROM unnest($1::bigint[]) AS q(id) LEFT JOIN sessions s ON s.id = q.id
+		WHERE s.id IS NULL OR s.ended_at IS NOT NULL OR s.expires_at <= now()`,
+		pq.Array(sessions), endGone, endRevoked, endExpired)
+	if err != nil {
+		return nil, fmt.Errorf("read sessions: %w", err)
+	}
+	defer rows.Close()
+	ended := make(map[int64]string)
+	for rows.Next() {
+		var id int64
+		var reason string
+		if err := rows.Scan(&id, &reason); err != nil {
+			return nil, fmt.Errorf("scan session: %w", err)
+		}
+		ended[id] = reason
+	}
+	return ended, rows.Err()
+}
+
+// streamSessions returns the sessions of the local streams of users (nil: of
+// every user), each once.
+func (h *Hub) streamSessions(users []int64) []int64 {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	seen := make(map[int64]bool)
+	add := func(set map[*stream]bool) {
+		for st := range set {
+			seen[st.sessionID] = true
+		}
+	}
+	if users == nil {
+		for _, set := range h.streams {
+			add(set)
+		}
+	}
+	for _, u := range users {
+		add(h.streams[u])
+	}
+	ids := make([]int64, 0, len(seen))
+	for id := range seen {
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// endSessionStreams ends the local streams of the ended sessions, each with its
+// reason.
+func (h *Hub) endSessionStreams(ended map[int64]string) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	for _, set := range h.streams {
+		for st := range set {
+			if reason, ok := ended[st.sessionID]; ok {
+				st.endSession(reason)
+			}
+		}
+	}
+}
+
+// endSession ends the stream because its session ended; the stream's last words
+// are a session_ended event with reason.
+func (st *stream) endSession(reason string) {
+	st.sessionEnded.CompareAndSwap(nil, &reason)
+	st.end()
+}
+
+// sessionEndedFrame is the event that closes a stream whose session ended.
+func sessionEndedFrame(reason string) []byte {
+	data, _ := json.Marshal(struct {
+		Reason string `json:"reason"`
+	}{reason})
+	return namedFrame(0, "session_ended", data)
+}
