@@ -1,0 +1,149 @@
+package main
+
+// Tests of what a client can make the server spend (issue 11, docs/limits.md):
+// request labels and log lines, the normalizer's cost and rule, and the order of
+// the send checks.
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+	"unicode/utf8"
+)
+
+// randomLetters returns n random capital letters: a valid HTTP method, or path.
+func randomLetters(n int) string {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte('A' + rand.IntN(26))
+	}
+	return string(b)
+}
+
+// TestLimitsMadeUpMethodsAndPaths sends thousands of requests with made-up methods
+// (up to 4 KB) and paths (up to 2 KB, some with encoded control characters): no
+// method or path becomes a metric label, /metrics stays within a few KB of its size
+// before, and each request adds one log line of bounded length that no control
+// character can split.
+func TestLimitsMadeUpMethodsAndPaths(t *testing.T) {
+	ts := newTestServer(t)
+	metrics := func() string { return string(mustRaw(t, "GET", ts.URL+"/metrics", nil, nil).body) }
+	requestLines := func() int { return strings.Count(ts.logs.String(), " msg=request ") }
+	// One request of each kind first, so that the series they add exist before.
+	for _, method := range []string{"GET", "BREW"} {
+		for _, path := range []string{"/nowhere", "/api/nowhere"} {
+			mustRaw(t, method, ts.URL+path, nil, nil)
+		}
+	}
+	waitFor(t, 5*time.Second, "the first requests' log lines", func() bool { return requestLines() == 4 })
+	before := len(metrics())
+	logBefore := len(ts.logs.String())
+
+	const n, workers = 3000, 8
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; i < n; i += workers {
+				path := "/" + randomLetters(1+rand.IntN(2048))
+				switch i % 4 {
+				case 1:
+					path = "/api" + path
+				case 2:
+					path += "%0Atime=forged%20level=ERROR%20msg=forged%00%1b%7f" + randomLetters(rand.IntN(512))
+				}
+				res, err := rawDo(randomLetters(1+rand.IntN(4096)), ts.URL+path, nil, nil)
+				if err == nil && res.status != http.StatusNotFound && res.status != http.StatusMethodNotAllowed {
+					err = fmt.Errorf("%.40s: got %d %s, want 404 or 405", path, res.status, res.body)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "a log line per request", func() bool { return requestLines() >= 4+n })
+
+	m := metrics()
+	if grew := len(m) - before; grew > 4<<10 {
+		t.Errorf("/metrics grew by %d bytes to %d, want at most 4 KB", grew, len(m))
+	}
+	if !strings.Contains(m, `messenger_http_requests_total{method="other",route="(not found)",status="405"}`) {
+		t.Errorf("metrics lack the made-up methods' series (method other, status 405)")
+	}
+	for line := range strings.Lines(m) {
+		if len(line) > 300 {
+			t.Fatalf("a /metrics line of %d bytes: %.200s…", len(line), line)
+		}
+	}
+
+	logs := ts.logs.String()[logBefore:]
+	// A line holds two cut strings (method, path); a control character is written
+	// as an escape of at most 4 bytes.
+	maxLine := 2*4*(maxLogValue+32) + 256
+	lines := 0
+	for line := range strings.Lines(logs) {
+		lines++
+		if len(line) > maxLine {
+			t.Fatalf("a log line of %d bytes, want at most %d: %.300s…", len(line), maxLine, line)
+		}
+		if strings.HasPrefix(line, "time=forged") {
+			t.Fatalf("a request forged a log line: %.300s", line)
+		}
+	}
+	if lines != n {
+		t.Errorf("the requests wrote %d log lines, want one each (%d)", lines, n)
+	}
+	if t.Failed() {
+		t.Logf("last log line: %.2000s", logs[strings.LastIndex(logs[:len(logs)-1], "\n")+1:])
+	}
+}
+
+// TestLimitsLogStringsCut checks that every string a log line carries (message,
+// attribute, error, group member, net/http's ErrorLog line) is cut to its limit,
+// at a character boundary, in both log formats.
+func TestLimitsLogStringsCut(t *testing.T) {
+	long := strings.Repeat("é", 5000) // 2 bytes each: a cut must not split one
+	for _, format := range []string{"text", "json"} {
+		t.Run(format, func(t *testing.T) {
+			var buf bytes.Buffer
+			logger := newLogger(format, &buf)
+			logger.Info(long, "s", long, "n", 42)
+			logger.Warn("error", "err", fmt.Errorf("wrapped: %w", errors.New(long)))
+			logger.Info("group", slog.Group("request", "path", long))
+			logger.With("with", long).Info("with")
+			slog.NewLogLogger(logger.Handler(), slog.LevelWarn).Print("http: " + long) // the server's ErrorLog
+			lines := strings.Split(strings.TrimSuffix(buf.String(), "\n"), "\n")
+			if len(lines) != 5 {
+				t.Fatalf("got %d log lines, want 5:\n%s", len(lines), buf.String())
+			}
+			for _, line := range lines {
+				if !utf8.ValidString(line) {
+					t.Errorf("a log line is not UTF-8: %.200q", line)
+				}
+				if max := maxLogMessage + maxLogValue + 256; len(line) > max {
+					t.Errorf("a log line of %d bytes, want at most %d: %.200s", len(line), max, line)
+				}
+				if !strings.Contains(line, " more bytes)") {
+					t.Errorf("a log line does not say that it was cut: %.200s", line)
+				}
+			}
+			if !strings.Contains(lines[0], "42") {
+				t.Errorf("a number attribute was lost: %.200s", lines[0])
+			}
+		})
+	}
+}
