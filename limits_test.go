@@ -6,16 +6,23 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"github.com/chromedp/chromedp"
 )
 
 // randomLetters returns n random capital letters: a valid HTTP method, or path.
@@ -143,6 +150,126 @@ func TestLimitsLogStringsCut(t *testing.T) {
 			}
 			if !strings.Contains(lines[0], "42") {
 				t.Errorf("a number attribute was lost: %.200s", lines[0])
+			}
+		})
+	}
+}
+
+// normalizeCase is one case of testdata/normalize_cases.json, the table the
+// server (TestNormalizeCases) and the web client (TestE2ENormalizeCases) are both
+// checked against: Want is what content Input is stored as, or Refused is the
+// message of the server's 422 for it.
+type normalizeCase struct {
+	Name    string  `json:"name"`
+	Input   string  `json:"input"`
+	Want    *string `json:"want"`
+	Refused string  `json:"refused"`
+}
+
+func loadNormalizeCases(t *testing.T) []normalizeCase {
+	t.Helper()
+	b, err := os.ReadFile("testdata/normalize_cases.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cases []normalizeCase
+	if err := json.Unmarshal(b, &cases); err != nil {
+		t.Fatalf("testdata/normalize_cases.json: %v", err)
+	}
+	for _, tc := range cases {
+		if (tc.Want == nil) == (tc.Refused == "") {
+			t.Fatalf("case %q: want exactly one of want and refused", tc.Name)
+		}
+	}
+	return cases
+}
+
+// TestNormalizeCases runs the shared table against the server's normalizeContent.
+func TestNormalizeCases(t *testing.T) {
+	for _, tc := range loadNormalizeCases(t) {
+		t.Run(tc.Name, func(t *testing.T) {
+			got, err := normalizeContent(tc.Input)
+			if tc.Refused != "" {
+				var ae *apiError
+				if !errors.As(err, &ae) || ae.status != http.StatusUnprocessableEntity || ae.fields["content"] != tc.Refused {
+					t.Fatalf("normalizeContent(%q) = %q, %v; want a 422 %q", tc.Input, got, err, tc.Refused)
+				}
+				return
+			}
+			if err != nil || got != *tc.Want {
+				t.Fatalf("normalizeContent(%q) = %q, %v; want %q", tc.Input, got, err, *tc.Want)
+			}
+		})
+	}
+}
+
+// TestE2ENormalizeCases runs the shared table against the web client's
+// normalize (web/normalize.js) in Chromium, as the server serves it. Where the
+// server stores content, normalize must give the same; the client does not refuse
+// anything, so for a refused case normalize must only not throw, give "" where
+// the server finds nothing left, and more than 480 characters where it finds too
+// many (control characters are left to the server).
+func TestE2ENormalizeCases(t *testing.T) {
+	cases := loadNormalizeCases(t)
+	ts := newTestServer(t)
+	b := newBrowser(t, ts, "normalize", desktop)
+	b.do("open the web client", chromedp.Navigate(ts.URL+"/"))
+	inputs := make([]string, len(cases))
+	for i, tc := range cases {
+		inputs[i] = tc.Input
+	}
+	js, err := json.Marshal(inputs) // JSON that is also a JavaScript expression
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		Out   string `json:"out"`
+		Error string `json:"error"`
+	}
+	expr := `import('/normalize.js').then(({ normalize }) => ` + string(js) + `.map((input) => {
+		try { return { out: normalize(input) }; } catch (e) { return { error: String(e) }; }
+	}))`
+	ctx, cancel := context.WithTimeout(b.ctx, e2eWait)
+	defer cancel()
+	results, err := chromedp.Run(ctx, chromedp.Evaluate[[]result](expr, chromedp.EvalAwaitPromise))
+	if err != nil {
+		b.fail("run normalize in the page", err)
+	}
+	if len(results) != len(cases) {
+		t.Fatalf("got %d results, want %d", len(results), len(cases))
+	}
+	tooLong := regexp.MustCompile(`^Message too long\. ` + strconv.Itoa(maxContentRunes) + ` max$`)
+	for i, tc := range cases {
+		got := results[i]
+		switch {
+		case got.Error != "":
+			t.Errorf("%s: normalize(%q) threw %s", tc.Name, tc.Input, got.Error)
+		case tc.Want != nil && got.Out != *tc.Want:
+			t.Errorf("%s: normalize(%q) = %q, want %q as the server stores it", tc.Name, tc.Input, got.Out, *tc.Want)
+		case tc.Refused == "Content required" && got.Out != "":
+			t.Errorf("%s: normalize(%q) = %q, want \"\" (the server finds nothing left)", tc.Name, tc.Input, got.Out)
+		case tooLong.MatchString(tc.Refused) && utf8.RuneCountInString(got.Out) <= maxContentRunes:
+			t.Errorf("%s: normalize(%q) has %d characters, want more than %d (the server refuses it as too long)",
+				tc.Name, tc.Input, utf8.RuneCountInString(got.Out), maxContentRunes)
+		}
+	}
+}
+
+// BenchmarkNormalizeContent compares the content of a 16 KiB request body made of
+// blank lines with that of a plain 16 KiB body (docs/limits.md, "Cost before
+// checks"):
+//
+//	go test -run '^$' -bench NormalizeContent -benchmem .
+func BenchmarkNormalizeContent(b *testing.B) {
+	const body = maxBodyBytes - len(`{"content":""}`) // JSON bytes left for the content
+	for _, bc := range []struct{ name, content string }{
+		{"plain", strings.Repeat("word ", body/len("word "))},
+		{"blank-lines", strings.Repeat("x\n\n", body/len(`x\n\n`))}, // \n is 2 bytes of JSON
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				normalizeContent(bc.content)
 			}
 		})
 	}
