@@ -255,6 +255,67 @@ func TestE2ENormalizeCases(t *testing.T) {
 	}
 }
 
+// TestLimitsRateLimitFirst checks that the send and conversation rate limits come
+// before anything else a request costs: once a user is limited, a request with a
+// body too large, malformed, of the wrong type or refused content, or to a
+// conversation that does not exist, gets 429 (not 413, 400, 415, 422 or 404) and
+// changes nothing; and, as documented, every attempt takes a token, whatever it
+// is answered.
+func TestLimitsRateLimitFirst(t *testing.T) {
+	ts := newTestServer(t, "RATE_LIMIT_SENDS=1/h,3", "RATE_LIMIT_CONVERSATIONS=1/h,1")
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := alice.startConversation(bob) // alice's one conversation token
+	endpoint := "/api/conversations/" + conv.ID + "/messages"
+	huge := []byte(`{"content":"` + strings.Repeat("x", 2*maxBodyBytes) + `"}`)
+	type attempt struct {
+		name   string
+		path   string
+		body   []byte
+		header http.Header
+		status int // answered before the limit is reached
+	}
+	tooLarge := attempt{"too large", endpoint, huge, jsonHeader(alice.Token), http.StatusRequestEntityTooLarge}
+	malformed := attempt{"malformed", endpoint, []byte(`{"content":`), jsonHeader(alice.Token), http.StatusBadRequest}
+	valid := attempt{"valid", endpoint, []byte(`{"content":"hi"}`), jsonHeader(alice.Token), http.StatusCreated}
+	do := func(a attempt) rawResponse { return mustRaw(t, "POST", ts.URL+a.path, a.body, a.header) }
+
+	// Three tokens: the failed attempts take theirs too.
+	for _, a := range []attempt{tooLarge, malformed, valid} {
+		if res := do(a); res.status != a.status {
+			t.Fatalf("%s send within the burst: got %d %s, want %d", a.name, res.status, res.body, a.status)
+		}
+	}
+	before := dbFingerprint(t, ts.DB)
+	for _, a := range []attempt{
+		valid, tooLarge, malformed,
+		{"not JSON", endpoint, []byte(`content=hi`), http.Header{"Authorization": {"Bearer " + alice.Token}, "Content-Type": {"text/plain"}}, 0},
+		{"refused content", endpoint, []byte(`{"content":"\u0007"}`), jsonHeader(alice.Token), 0},
+		{"no such conversation", "/api/conversations/999999999/messages", valid.body, jsonHeader(alice.Token), 0},
+		{"bad conversation id", "/api/conversations/x/messages", valid.body, jsonHeader(alice.Token), 0},
+	} {
+		res := do(a)
+		if res.status != http.StatusTooManyRequests {
+			t.Fatalf("%s send once limited: got %d %s, want 429", a.name, res.status, res.body)
+		}
+		if p := errorBodyProblem(res); p != "" || res.header.Get("Retry-After") == "" {
+			t.Fatalf("%s send once limited: %s, Retry-After %q", a.name, p, res.header.Get("Retry-After"))
+		}
+	}
+	if after := dbFingerprint(t, ts.DB); after != before {
+		t.Fatalf("refused sends wrote to the database:\n got %s\nwant %s", after, before)
+	}
+	if res := mustRaw(t, "POST", ts.URL+endpoint, valid.body, jsonHeader(bob.Token)); res.status != http.StatusCreated {
+		t.Fatalf("bob's send while alice is limited: got %d %s, want 201", res.status, res.body)
+	}
+
+	for _, body := range [][]byte{huge, []byte(`{"username":`), []byte(`{"username":"` + bob.User.Username + `"}`)} {
+		res := mustRaw(t, "POST", ts.URL+"/api/conversations", body, jsonHeader(alice.Token))
+		if res.status != http.StatusTooManyRequests {
+			t.Fatalf("conversation start once limited (%.20s): got %d %s, want 429", body, res.status, res.body)
+		}
+	}
+}
+
 // BenchmarkNormalizeContent compares the content of a 16 KiB request body made of
 // blank lines with that of a plain 16 KiB body (docs/limits.md, "Cost before
 // checks"):

@@ -329,13 +329,19 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 }
 
 // handleCreateMessage serves POST /api/conversations/:id/messages. A retry with the
-// Idempotency-Key of an earlier send returns that message with 200.
+// Idempotency-Key of an earlier send returns that message with 200. The rate limit
+// comes first, before the body is read: every send attempt takes a token, whatever
+// it is answered, so that a flood of sends, valid or not, costs the server least.
 func (s *server) handleCreateMessage() http.HandlerFunc {
 	type request struct {
 		Content string `json:"content"`
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		me := sessionFrom(r.Context()).userID
+		if err := s.limits.sends.allow(me); err != nil {
+			s.respondError(w, r, err)
+			return
+		}
 		id, err := pathID(r)
 		if err != nil {
 			s.respondError(w, r, err)
@@ -354,10 +360,6 @@ func (s *server) handleCreateMessage() http.HandlerFunc {
 		key := r.Header.Get("Idempotency-Key")
 		if _, present := r.Header["Idempotency-Key"]; present && !validIdempotencyKey(key) {
 			s.respondError(w, r, validationError("Idempotency-Key", "Idempotency-Key must be 1 to 255 printable ASCII characters"))
-			return
-		}
-		if err := s.limits.sends.allow(me); err != nil {
-			s.respondError(w, r, err)
 			return
 		}
 		m, outcome, err := s.sends.send(r.Context(), id, me, content, key)
