@@ -94,16 +94,17 @@ func (s *server) handleCreateConversation() http.HandlerFunc {
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		me := sessionFrom(r.Context()).userID
+		// The rate limit comes first, as for sends: every attempt takes a token.
+		if err := s.limits.conversations.allow(me); err != nil {
+			s.respondError(w, r, err)
+			return
+		}
 		var req request
 		if err := decodeJSON(w, r, &req); err != nil {
 			s.respondError(w, r, err)
 			return
 		}
 		if err := validateUsername(req.Username); err != nil {
-			s.respondError(w, r, err)
-			return
-		}
-		if err := s.limits.conversations.allow(me); err != nil {
 			s.respondError(w, r, err)
 			return
 		}

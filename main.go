@@ -483,11 +483,3 @@ func developmentTokenKey(ctx context.Context, db *sql.DB) ([]byte, error) {
 	}
 	return []byte(key), nil
 }
-
-// newLogger returns a structured logger writing text or JSON to w.
-func newLogger(format string, w io.Writer) *slog.Logger {
-	if format == "json" {
-		return slog.New(slog.NewJSONHandler(w, nil))
-	}
-	return slog.New(slog.NewTextHandler(w, nil))
-}

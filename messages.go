@@ -48,44 +48,43 @@ const (
 	maxIdempotencyKey = 255
 )
 
-// normalizeContent trims content, turns CRLF and CR into LF, collapses each run of
-// spaces and tabs into one space, and drops blank lines. It returns a 422 apiError
-// for control characters (other than newlines and tabs), for nothing left, and for
-// more than 480 runes. The web client (web/conversation.js, normalize) mirrors these
-// rules to match a send whose answer was lost with its copy from the stream.
+// normalizeContent trims content, ends lines at LF, CR or CRLF, collapses each run of
+// white space within a line into one space, and drops blank lines. White space is
+// Unicode's White_Space (Go's unicode.IsSpace: tab, VT, FF, space, NEL, NBSP, the
+// Zs spaces, U+2028, U+2029) plus U+FEFF (the byte order mark, which JavaScript
+// also counts as white space). It returns a 422 apiError for invalid UTF-8, for
+// other control characters, for nothing left, and for more than 480 runes. It
+// reads its input once, in time linear in its length. The web client
+// (web/normalize.js) follows the same rule, checked against one table of cases
+// (testdata/normalize_cases.json), to match a send whose answer was lost with its
+// copy from the stream.
 func normalizeContent(content string) (string, error) {
 	if !utf8.ValidString(content) {
 		return "", validationError("content", "Content must be valid UTF-8")
 	}
-	content = strings.ReplaceAll(content, "\r\n", "\n")
-	content = strings.ReplaceAll(content, "\r", "\n")
 	var b strings.Builder
 	b.Grow(len(content))
-	for line := range strings.SplitSeq(content, "\n") {
-		start := b.Len()
-		if start > 0 {
-			b.WriteByte('\n')
-		}
-		wrote, space := false, false
-		for _, c := range line {
-			switch {
-			case c == ' ' || c == '\t' || (unicode.IsSpace(c) && c != '\n'):
-				space = wrote
-			case unicode.IsControl(c):
-				return "", validationError("content", "Content must not contain control characters")
-			default:
-				if space {
-					b.WriteByte(' ')
-					space = false
-				}
-				b.WriteRune(c)
-				wrote = true
+	// A newline or a space is written only before the next character that is
+	// neither, so a blank line or trailing white space never reaches b. CR, LF
+	// and CRLF each end a line; since blank lines are dropped, CRLF needs no case
+	// of its own.
+	newline, space := false, false
+	for _, c := range content {
+		switch {
+		case c == '\n' || c == '\r':
+			newline, space = b.Len() > 0, false
+		case isContentSpace(c):
+			space = b.Len() > 0
+		case unicode.IsControl(c):
+			return "", validationError("content", "Content must not contain control characters")
+		default:
+			if newline {
+				b.WriteByte('\n')
+			} else if space {
+				b.WriteByte(' ')
 			}
-		}
-		if !wrote { // a blank line: take back its newline
-			s := b.String()[:start]
-			b.Reset()
-			b.WriteString(s)
+			newline, space = false, false
+			b.WriteRune(c)
 		}
 	}
 	out := b.String()
@@ -96,6 +95,11 @@ func normalizeContent(content string) (string, error) {
 		return "", validationError("content", fmt.Sprintf("Message too long. %d max", maxContentRunes))
 	}
 	return out, nil
+}
+
+// isContentSpace reports whether c is white space within a line of a message.
+func isContentSpace(c rune) bool {
+	return unicode.IsSpace(c) || c == '\uFEFF'
 }
 
 // validIdempotencyKey reports whether key is 1 to 255 printable ASCII characters.
@@ -320,13 +324,19 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 }
 
 // handleCreateMessage serves POST /api/conversations/:id/messages. A retry with the
-// Idempotency-Key of an earlier send returns that message with 200.
+// Idempotency-Key of an earlier send returns that message with 200. The rate limit
+// comes first, before the body is read: every send attempt takes a token, whatever
+// it is answered, so that a flood of sends, valid or not, costs the server least.
 func (s *server) handleCreateMessage() http.HandlerFunc {
 	type request struct {
 		Content string `json:"content"`
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		me := sessionFrom(r.Context()).userID
+		if err := s.limits.sends.allow(me); err != nil {
+			s.respondError(w, r, err)
+			return
+		}
 		id, err := pathID(r)
 		if err != nil {
 			s.respondError(w, r, err)
@@ -345,10 +355,6 @@ func (s *server) handleCreateMessage() http.HandlerFunc {
 		key := r.Header.Get("Idempotency-Key")
 		if _, present := r.Header["Idempotency-Key"]; present && !validIdempotencyKey(key) {
 			s.respondError(w, r, validationError("Idempotency-Key", "Idempotency-Key must be 1 to 255 printable ASCII characters"))
-			return
-		}
-		if err := s.limits.sends.allow(me); err != nil {
-			s.respondError(w, r, err)
 			return
 		}
 		m, outcome, err := s.sends.send(r.Context(), id, me, content, key)

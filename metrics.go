@@ -61,9 +61,31 @@ func newMetrics(db *sql.DB) *metrics {
 	return m
 }
 
+// observeRequest counts a request under labels from closed sets only, so that
+// what a client sends cannot add series: route is a registered pattern or
+// "(not found)" (the caller's, never the path), the method is a standard one or
+// "other", and the status is one net/http names or "other".
 func (m *metrics) observeRequest(route, method string, status int, d time.Duration) {
-	m.requests.WithLabelValues(route, method, strconv.Itoa(status)).Inc()
+	m.requests.WithLabelValues(route, methodLabel(method), statusLabel(status)).Inc()
 	m.requestDuration.WithLabelValues(route).Observe(d.Seconds())
+}
+
+// methodLabel returns method if it is one of HTTP's standard methods, else "other".
+func methodLabel(method string) string {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+		http.MethodDelete, http.MethodOptions, http.MethodConnect, http.MethodTrace:
+		return method
+	}
+	return "other"
+}
+
+// statusLabel returns the status code as text if net/http knows it, else "other".
+func statusLabel(status int) string {
+	if http.StatusText(status) == "" {
+		return "other"
+	}
+	return strconv.Itoa(status)
 }
 
 func (m *metrics) handler() http.Handler {

@@ -2,6 +2,7 @@
 
 import { uuid } from './client.js';
 import { announce, avatar, h, isAbort, linkify, timeElement } from './dom.js';
+import { normalize } from './normalize.js';
 
 const PAGE_SIZE = 25;
 const MAX_LENGTH = 480; // characters (code points), as the server counts them
@@ -9,16 +10,6 @@ const COUNTER_FROM = 100; // show the counter once this few characters remain
 const TYPING_EVERY = 3000; // ms between typing notices sent
 const TYPING_SHOWN = 4000; // ms a typing notice from the other stays up
 const GROUP_GAP = 5 * 60 * 1000; // messages of one sender closer than this share one time
-
-// normalize does to content what the server does before storing it.
-function normalize(content = '') {
-  return content
-    .replace(/\r\n?/g, '\n')
-    .split('\n')
-    .map((line) => line.replace(/\s+/g, ' ').trim())
-    .filter(Boolean)
-    .join('\n');
-}
 
 export function mountConversation(root, ctx, id) {
   const controller = new AbortController();
