@@ -11,7 +11,7 @@ const root = document.getElementById('app');
 const reconnecting = document.getElementById('reconnecting');
 const signOutButton = document.getElementById('sign-out');
 
-let view = null; // the mounted page: {unmount, onMessage, onRead, onTyping, conversationId}
+let view = null; // the mounted page: {unmount, onMessage, onRead, onTyping, refresh, conversationId}
 let me = null; // the signed-in User, once known
 let sessionStarted = false;
 let flash = ''; // a message for the sign-in page
@@ -43,7 +43,23 @@ const stream = createStream({
   onStatus(status) {
     reconnecting.hidden = status === 'open';
   },
+  // Events may have been missed: fetch again what the page shows, and the unread
+  // counts if the page is not the list (which brings its own).
+  onResync() {
+    view?.refresh?.();
+    if (!view?.hasUnreadCounts) refreshUnread();
+  },
 });
+
+// refreshUnread takes the unread counts of the newest conversations from the server.
+async function refreshUnread() {
+  try {
+    const page = await api('GET', '/api/conversations');
+    for (const c of page) if (c.id !== view?.conversationId) setUnread(c.id, c.unreadCount ?? 0);
+  } catch {
+    // The counts catch up at the next visit to the list.
+  }
+}
 
 function setUnread(id, count) {
   if (count > 0) unread.set(id, count);

@@ -1,12 +1,24 @@
 // The one EventSource of the app, kept open while signed in.
+//
+// Nothing is lost across reconnects. The client remembers its position in the
+// user's event log from every frame that carries an id: the "ready" event that
+// starts every stream, messages, reads and "reset". The browser's own retry sends
+// that position as Last-Event-ID; when the browser gives up instead (EventSource
+// CLOSED after a non-200 answer, such as a proxy's 502 or a 503), the new stream
+// asks to resume from it with ?last_event_id=. Where the client cannot resume (it
+// has no position yet, or the server answers "reset" because the position is too
+// old or too far behind), it calls onResync, and the pages refetch over REST.
 
 import { api, getAuth } from './client.js';
 
 // createStream returns {start, stop}. Handlers get the decoded event data;
-// onStatus gets 'open' or 'reconnecting'.
-export function createStream({ onMessage, onRead, onTyping, onStatus }) {
+// onStatus gets 'open' or 'reconnecting'; onResync(reason) is called when events
+// may have been missed and the state must be fetched again: 'start' (a stream
+// began where the client had no position) or 'reset' (the server could not
+// resume from it).
+export function createStream({ onMessage, onRead, onTyping, onStatus, onResync }) {
   let source = null;
-  let lastEventId = '';
+  let position = ''; // id of the last event received: where a new stream resumes
   let timer = 0;
   let attempts = 0;
   let running = false;
@@ -15,7 +27,7 @@ export function createStream({ onMessage, onRead, onTyping, onStatus }) {
     const auth = getAuth();
     if (!running || !auth) return;
     let url = `/api/messages?token=${encodeURIComponent(auth.token)}`;
-    if (lastEventId) url += `&last_event_id=${encodeURIComponent(lastEventId)}`;
+    if (position) url += `&last_event_id=${encodeURIComponent(position)}`;
     const es = new EventSource(url);
     source = es;
     es.onopen = () => {
@@ -35,11 +47,22 @@ export function createStream({ onMessage, onRead, onTyping, onStatus }) {
     es.onmessage = (e) => deliver(e, onMessage);
     es.addEventListener('read', (e) => deliver(e, onRead));
     es.addEventListener('typing', (e) => deliver(e, onTyping));
+    es.addEventListener('ready', (e) => {
+      if (e.target !== source) return;
+      const resumed = position !== '';
+      position = e.lastEventId;
+      if (!resumed) onResync('start');
+    });
+    es.addEventListener('reset', (e) => {
+      if (e.target !== source) return;
+      position = e.lastEventId;
+      onResync('reset');
+    });
   }
 
   function deliver(e, handler) {
     if (e.target !== source) return;
-    if (e.lastEventId) lastEventId = e.lastEventId;
+    if (e.lastEventId) position = e.lastEventId;
     let data;
     try {
       data = JSON.parse(e.data);
@@ -73,7 +96,7 @@ export function createStream({ onMessage, onRead, onTyping, onStatus }) {
       clearTimeout(timer);
       source?.close();
       source = null;
-      lastEventId = '';
+      position = '';
       attempts = 0;
     },
   };
