@@ -936,10 +936,10 @@ type faultProxy struct {
 	mu        sync.Mutex                 // guards the fields below
 	failing   int                        // stream requests still to answer with 502
 	resetting int                        // stream requests still to answer with a reset
-	refused  int                        // stream requests answered with 502
-	open     map[int]context.CancelFunc // streams open through the proxy
-	nextOpen int
-	resumes  []string // position each stream request resumed from ("" for none), in order
+	refused   int                        // stream requests answered with 502
+	open      map[int]context.CancelFunc // streams open through the proxy
+	nextOpen  int
+	resumes   []string // position each stream request resumed from ("" for none), in order
 }
 
 // newFaultProxy starts a proxy to the test server ts; a browser that loads the
