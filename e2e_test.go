@@ -10,6 +10,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -1100,9 +1101,10 @@ func (fp *faultProxy) outage(t *testing.T, refusals int, during func()) {
 
 // TestE2ENothingLostAcrossReconnects: the stream fails behind a proxy (cut, then
 // 502 to the browser's retry and to the client's own reconnects) while messages
-// are sent; once it heals, every message is on the page, once, without a reload:
-// on an open conversation that had received no event since it loaded, on the
-// conversation list, and on pages whose stream never opened at all.
+// are sent; once it heals, every message is on the page, once, in order, without
+// a reload: on an open conversation that had received no event since it loaded,
+// on the conversation list, on pages whose stream never opened at all, and after
+// the server answers "reset" instead of replaying.
 func TestE2ENothingLostAcrossReconnects(t *testing.T) {
 	ts := newTestServer(t)
 	proxy := newFaultProxy(t, ts)
@@ -1181,11 +1183,20 @@ func TestE2ENothingLostAcrossReconnects(t *testing.T) {
 	proxy.outage(t, 2, func() { sendAll(alice, conv.ID, gap3...) })
 	shownOnce("message sent before the stream opened", gap3...)
 	all = append(all, gap3...)
-	shown := b.messages()
-	checkEachOnce(t, shown, all...)
-	if len(shown) != len(all) {
-		t.Errorf("%d messages shown, want %d: %+v", len(shown), len(all), shown)
+	checkShown := func() {
+		t.Helper()
+		shown := b.messages()
+		checkEachOnce(t, shown, all...)
+		if len(shown) != len(all) {
+			t.Errorf("%d messages shown, want %d: %+v", len(shown), len(all), shown)
+		}
+		if !slices.IsSortedFunc(shown, func(a, b shownMessage) int {
+			return cmp.Or(cmp.Compare(len(a.ID), len(b.ID)), cmp.Compare(a.ID, b.ID)) // decimal ids
+		}) {
+			t.Errorf("messages shown out of order of id: %+v", shown)
+		}
 	}
+	checkShown()
 	b.screenshot("e2e-nothing-lost")
 
 	proxy.failNext(1 << 30)
@@ -1210,10 +1221,6 @@ func TestE2ENothingLostAcrossReconnects(t *testing.T) {
 	shownOnce("live message after the reset", "Live after the reset")
 	all = append(all, gap4...)
 	all = append(all, "Live after the reset")
-	shown = b.messages()
-	checkEachOnce(t, shown, all...)
-	if len(shown) != len(all) {
-		t.Errorf("%d messages shown, want %d: %+v", len(shown), len(all), shown)
-	}
+	checkShown()
 	b.screenshot("e2e-nothing-lost-reset")
 }
