@@ -14,8 +14,8 @@ import { api, getAuth } from './client.js';
 // createStream returns {start, stop}. Handlers get the decoded event data;
 // onStatus gets 'open' or 'reconnecting'; onResync(reason) is called when events
 // may have been missed and the state must be fetched again: 'start' (a stream
-// began where the client had no position) or 'reset' (the server could not
-// resume from it).
+// began where the client had no position, or not where it asked to resume) or
+// 'reset' (the server could not resume from it).
 export function createStream({ onMessage, onRead, onTyping, onStatus, onResync }) {
   let source = null;
   let position = ''; // id of the last event received: where a new stream resumes
@@ -49,7 +49,8 @@ export function createStream({ onMessage, onRead, onTyping, onStatus, onResync }
     es.addEventListener('typing', (e) => deliver(e, onTyping));
     es.addEventListener('ready', (e) => {
       if (e.target !== source) return;
-      const resumed = position !== '';
+      // The stream starts where it resumed from, or elsewhere if it did not.
+      const resumed = position !== '' && e.lastEventId === position;
       position = e.lastEventId;
       if (!resumed) onResync('start');
     });
