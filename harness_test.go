@@ -383,6 +383,10 @@ type sseStream struct {
 	events chan sseEvent
 	err    error // why the stream ended, once events is closed
 
+	// keepReady passes the "ready" event on in events; without it, it is left
+	// out (most tests look at what comes after), though its id counts.
+	keepReady bool
+
 	mu     sync.Mutex // guards lastID
 	lastID string     // what an EventSource would send as Last-Event-ID
 }
@@ -390,6 +394,17 @@ type sseStream struct {
 // stream opens the client's event stream; lastEventID is sent as Last-Event-ID
 // unless it is empty.
 func (c *client) stream(lastEventID string) *sseStream {
+	c.t.Helper()
+	return c.openStream(lastEventID, false)
+}
+
+// streamWithReady is stream, with the "ready" event in events, in its place.
+func (c *client) streamWithReady(lastEventID string) *sseStream {
+	c.t.Helper()
+	return c.openStream(lastEventID, true)
+}
+
+func (c *client) openStream(lastEventID string, keepReady bool) *sseStream {
 	c.t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "GET", c.base+"/api/messages", nil)
@@ -409,7 +424,7 @@ func (c *client) stream(lastEventID string) *sseStream {
 		cancel()
 		c.t.Fatalf("open stream: status %d: %s", resp.StatusCode, b)
 	}
-	s := &sseStream{t: c.t, resp: resp, cancel: cancel, events: make(chan sseEvent, 10000), lastID: lastEventID}
+	s := &sseStream{t: c.t, resp: resp, cancel: cancel, events: make(chan sseEvent, 10000), lastID: lastEventID, keepReady: keepReady}
 	go s.read()
 	c.t.Cleanup(s.close)
 	return s
@@ -433,7 +448,9 @@ func (s *sseStream) read() {
 			}
 			if data != nil {
 				ev.Data = strings.Join(data, "\n")
-				s.events <- ev
+				if ev.Event != "ready" || s.keepReady {
+					s.events <- ev
+				}
 			}
 			ev, data, hasID = sseEvent{}, nil, false
 			continue

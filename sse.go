@@ -330,6 +330,16 @@ func namedFrame(seq int64, kind string, data []byte) []byte {
 	return append(b, "\n\n"...)
 }
 
+// readyFrame encodes the first frame of every stream: event "ready", its id the
+// position the stream starts from, repeated in the data, where a script can read it
+// (an EventSource dispatches nothing for a frame without data, and a plain client
+// ignores an event type it does not listen to). Unlike namedFrame, it writes id 0
+// too: the position of a user with no events yet.
+func readyFrame(last int64) []byte {
+	id := strconv.FormatInt(last, 10)
+	return []byte("id: " + id + "\nevent: ready\ndata: {\"lastEventId\":\"" + id + "\"}\n\n")
+}
+
 // compactJSON drops the spaces PostgreSQL puts in jsonb text, so an event's data
 // reads the same whether it came live or from the log.
 func compactJSON(b []byte) []byte {
@@ -468,12 +478,10 @@ func (s *server) handleStream() http.HandlerFunc {
 		h.Write(&hb)
 		hello = append(hello, hb.Bytes()...)
 		hello = append(hello, "\r\n: connected\nretry: 2000\n\n"...)
-		if last == head {
-			// Tell the client where it stands, so that a reconnect resumes here even
-			// if no event comes first. A frame with an id and no data sets the
-			// EventSource's last event id without dispatching anything.
-			hello = append(hello, "id: "+strconv.FormatInt(head, 10)+"\n\n"...)
-		}
+		// Tell the client where it stands before any replay (so ids never go back),
+		// so that a reconnect resumes here even if no event comes first: the id sets
+		// the EventSource's last event id, and the data makes it visible to scripts.
+		hello = append(hello, readyFrame(last)...)
 		conn, _, err := http.NewResponseController(w).Hijack()
 		if err != nil {
 			s.respondError(w, r, fmt.Errorf("stream: hijack: %w", err))

@@ -262,6 +262,46 @@ func TestStreamResume(t *testing.T) {
 
 // streamWithQuery opens the stream with ?token= and ?last_event_id=, as a client
 // that starts a new EventSource does.
+// TestStreamReadyFirst: every stream starts with a "ready" event whose id and data
+// give the position it starts from, a fresh one (the log's end) or a resumed one;
+// a resumed stream replays after it, so ids never go back.
+func TestStreamReadyFirst(t *testing.T) {
+	ts := newTestServer(t)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	ready := func(s *sseStream, want string) {
+		t.Helper()
+		ev := s.next(eventWait)
+		if ev.Event != "ready" || ev.ID != want || ev.Data != `{"lastEventId":"`+want+`"}` {
+			t.Fatalf("first event %+v, want ready with id %s", ev, want)
+		}
+	}
+	// A user with no events yet starts at 0, which a client must be able to send back.
+	ready(bob.streamWithReady(""), "0")
+
+	conv := alice.startConversation(bob)
+	var sent []apiMessage
+	for i := range 3 {
+		sent = append(sent, alice.send(conv.ID, fmt.Sprintf("m%d", i)))
+	}
+	var head string
+	ts.DB.QueryRow(`SELECT event_seq FROM users WHERE id = $1`, bob.User.ID).Scan(&head)
+	fresh := bob.streamWithReady("")
+	ready(fresh, head)
+	fresh.expectNone(100 * time.Millisecond)
+
+	n, _ := strconv.Atoi(head)
+	from := strconv.Itoa(n - 3)
+	resumed := bob.streamWithReady(from)
+	ready(resumed, from)
+	for i, want := range sent {
+		ev, m := resumed.nextMessage(eventWait)
+		if m.ID != want.ID || ev.ID != strconv.Itoa(n-2+i) {
+			t.Fatalf("replayed event %d: id %s message %s, want id %d message %s", i, ev.ID, m.ID, n-2+i, want.ID)
+		}
+	}
+	resumed.expectNone(100 * time.Millisecond)
+}
+
 func (c *client) streamWithQuery(t *testing.T, lastEventID string) *sseStream {
 	t.Helper()
 	req, _ := http.NewRequest("GET", c.base+"/api/messages?token="+c.Token+"&last_event_id="+lastEventID, nil)
