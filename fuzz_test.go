@@ -26,7 +26,7 @@ import (
 // isValidationError reports whether err is a 422 naming field.
 func isValidationError(err error, field string) bool {
 	var ae *apiError
-	return errors.As(err, &ae) && ae.status == http.StatusUnprocessableEntity && ae.fields[field] != ""
+	return errors.As(err, &ae) && ae.kind == kindInvalid && ae.field == field
 }
 
 // referenceNormalize is the API's rule for message content, written as plainly as
@@ -152,7 +152,7 @@ func FuzzParseID(f *testing.F) {
 			t.Fatalf("parseCursor(empty) = %d, %v; want 0, nil", cursor, err)
 		case s != "" && canonical && (err != nil || cursor != n):
 			t.Fatalf("parseCursor(%q) = %d, %v; want %d", s, cursor, err, n)
-		case s != "" && !canonical && !(errors.As(err, &ae) && ae.status == http.StatusBadRequest):
+		case s != "" && !canonical && !(errors.As(err, &ae) && ae.kind == kindMalformed):
 			t.Fatalf("parseCursor(%q) = %d, %v; want a 400", s, cursor, err)
 		}
 	})

@@ -191,7 +191,7 @@ func TestNormalizeCases(t *testing.T) {
 			got, err := normalizeContent(tc.Input)
 			if tc.Refused != "" {
 				var ae *apiError
-				if !errors.As(err, &ae) || ae.status != http.StatusUnprocessableEntity || ae.fields["content"] != tc.Refused {
+				if !errors.As(err, &ae) || ae.kind != kindInvalid || ae.field != "content" || ae.msg != tc.Refused {
 					t.Fatalf("normalizeContent(%q) = %q, %v; want a 422 %q", tc.Input, got, err, tc.Refused)
 				}
 				return

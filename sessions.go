@@ -4,9 +4,9 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"sync"
 	"time"
 
@@ -46,7 +46,7 @@ const (
 	endGone                = "ended"
 )
 
-var errSessionEnded = &apiError{status: http.StatusUnauthorized, msg: "session ended; sign in again"}
+var errSessionEnded = unauthenticated("session ended; sign in again")
 
 // startSession starts a session for user and returns its first token. A user keeps
 // at most MAX_SESSIONS_PER_USER open sessions: signing in once more ends the
@@ -90,6 +90,41 @@ func (s *server) endSessions(ctx context.Context, user, session int64, keep int,
 	}
 	s.metrics.sessionsEnded.WithLabelValues(reason).Add(float64(n))
 	return nil
+}
+
+// openSessionEnd returns the hard end of session of user, or errSessionEnded if it
+// ended, passed its end or is not user's.
+func openSessionEnd(ctx context.Context, db *sql.DB, session, user int64) (time.Time, error) {
+	var ends time.Time
+	err := db.QueryRowContext(ctx, `
+		SELECT expires_at FROM sessions
+		WHERE id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > now()`,
+		session, user).Scan(&ends)
+	if errors.Is(err, sql.ErrNoRows) {
+		return ends, errSessionEnded
+	}
+	if err != nil {
+		return ends, fmt.Errorf("check session: %w", err)
+	}
+	return ends, nil
+}
+
+// refreshSession records that session was refreshed and returns its hard end. It
+// returns errSessionEnded if the session ended (or passed its end) since the
+// request was authenticated.
+func refreshSession(ctx context.Context, db *sql.DB, session int64) (time.Time, error) {
+	var ends time.Time
+	err := db.QueryRowContext(ctx, `
+		UPDATE sessions SET refreshed_at = now()
+		WHERE id = $1 AND ended_at IS NULL AND expires_at > now()
+		RETURNING expires_at`, session).Scan(&ends)
+	if errors.Is(err, sql.ErrNoRows) {
+		return ends, errSessionEnded
+	}
+	if err != nil {
+		return ends, fmt.Errorf("refresh session: %w", err)
+	}
+	return ends, nil
 }
 
 // sessionCacheTTL is how long authenticate trusts a session it found open without

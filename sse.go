@@ -415,7 +415,7 @@ func lastEventID(r *http.Request) (id int64, ok bool, err error) {
 	}
 	id, err = strconv.ParseInt(strings.TrimSpace(s), 10, 64)
 	if err != nil || id < 0 {
-		return 0, false, &apiError{status: http.StatusBadRequest, msg: "Last-Event-ID must be an event id"}
+		return 0, false, malformed("Last-Event-ID must be an event id")
 	}
 	return id, true, nil
 }
@@ -431,7 +431,7 @@ func lastEventID(r *http.Request) (id int64, ok bool, err error) {
 func (s *server) handleStream() http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if !acceptsEventStream(r) {
-			s.respondError(w, r, &apiError{status: http.StatusNotAcceptable, msg: "this endpoint serves text/event-stream; send Accept: text/event-stream"})
+			s.respondError(w, r, &apiError{kind: kindNotAcceptable, msg: "this endpoint serves text/event-stream; send Accept: text/event-stream"})
 			return
 		}
 		sess := sessionFrom(r.Context())
@@ -442,7 +442,7 @@ func (s *server) handleStream() http.HandlerFunc {
 		}
 		st := s.hub.register(sess.userID, sess.sessionID)
 		if st == nil {
-			s.respondError(w, r, &apiError{status: http.StatusServiceUnavailable, msg: "server is shutting down", retryAfter: time.Second})
+			s.respondError(w, r, unavailable("server is shutting down", time.Second))
 			return
 		}
 		handedOff := false
