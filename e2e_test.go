@@ -63,6 +63,7 @@ var (
 // except under CI, where a missing browser is a failure.
 func chromiumPath(t *testing.T) string {
 	t.Helper()
+	skipInShortMode(t, "a browser test")
 	for _, p := range []string{"/usr/bin/chromium", "/usr/bin/chromium-browser"} {
 		if _, err := os.Stat(p); err == nil {
 			return p

@@ -306,6 +306,7 @@ func (s *sender) len() int {
 // during the outage fail fast with 503, nothing acknowledged is lost or delivered
 // twice, and the server recovers by itself.
 func TestFaultsPostgresRestart(t *testing.T) {
+	skipInShortMode(t, "a fault test")
 	pg := newPGCluster(t)
 	ts := newTestServer(t, "DATABASE_URL="+pg.URL(), "SSE_SYNC_INTERVAL=1s")
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
@@ -430,6 +431,7 @@ func TestFaultsPostgresRestart(t *testing.T) {
 // exits 0 promptly, its streams end cleanly, and every acknowledged message was
 // delivered before the end or is replayed by a fresh instance.
 func TestFaultsSIGTERM(t *testing.T) {
+	skipInShortMode(t, "a fault test")
 	goTool, err := exec.LookPath("go")
 	if err != nil {
 		skipUnlessCI(t, "no go command to build the server")

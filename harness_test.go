@@ -77,6 +77,15 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
+// skipInShortMode skips a long test (a browser, a second process, a restarted
+// cluster) in go test -short, the quick loop; make test and CI run everything.
+func skipInShortMode(t testing.TB, what string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skipf("%s: not in -short", what)
+	}
+}
+
 // uniqueName returns a fresh valid username starting with prefix.
 func uniqueName(prefix string) string {
 	return prefix + "_" + randomHex(5)
