@@ -258,7 +258,9 @@ func (s *server) handleAuthUser() http.HandlerFunc {
 
 // handleRefreshToken serves POST /api/refresh_token: a fresh token for the caller's
 // session. It expires after TOKEN_TTL or at the session's hard end, whichever
-// comes first: refreshing never carries a session past SESSION_MAX_AGE.
+// comes first: refreshing never carries a session past SESSION_MAX_AGE. The
+// session is looked up with its user, as the token names both, so that a database
+// split by user (docs/scaling.md) finds it on one shard.
 func (s *server) handleRefreshToken() http.HandlerFunc {
 	type response struct {
 		Token     string    `json:"token"`
@@ -269,8 +271,8 @@ func (s *server) handleRefreshToken() http.HandlerFunc {
 		var ends time.Time
 		err := s.db.QueryRowContext(r.Context(), `
 			UPDATE sessions SET refreshed_at = now()
-			WHERE id = $1 AND ended_at IS NULL AND expires_at > now()
-			RETURNING expires_at`, sess.sessionID).Scan(&ends)
+			WHERE id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > now()
+			RETURNING expires_at`, sess.sessionID, sess.userID).Scan(&ends)
 		if errors.Is(err, sql.ErrNoRows) {
 			err = errSessionEnded // it ended since authenticate looked
 		}
