@@ -69,13 +69,15 @@ func (s *server) startSession(ctx context.Context, user int64) (string, time.Tim
 
 // endSessions ends user's open sessions, with reason: only session if it is not 0,
 // else all but the newest keep (0: all of them). It announces the user on
-// sessionsChannel, in the same statement, when it ended any.
+// sessionsChannel, in the same statement, when it ended any. Both the UPDATE and
+// its subquery name the user, so that a database split by user (docs/scaling.md)
+// runs the statement on one shard.
 func (s *server) endSessions(ctx context.Context, user, session int64, keep int, reason string) error {
 	var n int
 	err := s.db.QueryRowContext(ctx, `
 		WITH ended AS (
 			UPDATE sessions SET ended_at = now(), end_reason = $4
-			WHERE id IN (
+			WHERE user_id = $1 AND id IN (
 				SELECT id FROM sessions
 				WHERE user_id = $1 AND ($2 = 0 OR id = $2) AND ended_at IS NULL
 				ORDER BY id DESC OFFSET $3)
