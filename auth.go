@@ -252,7 +252,7 @@ func (s *server) handleRefreshToken() apiHandler {
 	}
 	return func(w http.ResponseWriter, r *http.Request) error {
 		sess := sessionFrom(r.Context())
-		ends, err := refreshSession(r.Context(), s.db, sess.sessionID)
+		ends, err := refreshSession(r.Context(), s.db, sess.sessionID, sess.userID)
 		if err != nil {
 			return err
 		}

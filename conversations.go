@@ -25,14 +25,16 @@ type Conversation struct {
 const conversationsPageSize = 25
 
 // conversationQuery selects conversations as user $1 sees them; callers add the
-// WHERE conditions after it and the ORDER BY.
+// WHERE conditions after it and the ORDER BY. The last message is looked up by its
+// conversation too, which it always belongs to: a database that splits messages by
+// conversation (docs/scaling.md) then finds it on one shard.
 const conversationQuery = `
 	SELECT p.conversation_id, u.id, u.username, u.avatar_url, p.unread_count,
 	       m.id, m.content, m.user_id, m.created_at
 	FROM participants p
 	JOIN conversations c ON c.id = p.conversation_id
 	JOIN users u ON u.id = CASE WHEN c.user_low = p.user_id THEN c.user_high ELSE c.user_low END
-	LEFT JOIN messages m ON m.id = p.last_message_id
+	LEFT JOIN messages m ON m.conversation_id = p.conversation_id AND m.id = p.last_message_id
 	WHERE p.user_id = $1`
 
 func scanConversation(row interface{ Scan(...any) error }, me int64) (Conversation, error) {
