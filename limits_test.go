@@ -40,6 +40,7 @@ func randomLetters(n int) string {
 // before, and each request adds one log line of bounded length that no control
 // character can split.
 func TestLimitsMadeUpMethodsAndPaths(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	metrics := func() string { return string(mustRaw(t, "GET", ts.URL+"/metrics", nil, nil).body) }
 	requestLines := func() int { return strings.Count(ts.logs.String(), " msg=request ") }
@@ -123,6 +124,7 @@ func TestLimitsMadeUpMethodsAndPaths(t *testing.T) {
 // attribute, error, group member, net/http's ErrorLog line) is cut to its limit,
 // at a character boundary, in both log formats.
 func TestLimitsLogStringsCut(t *testing.T) {
+	t.Parallel()
 	long := strings.Repeat("é", 5000) // 2 bytes each: a cut must not split one
 	for _, format := range []string{"text", "json"} {
 		t.Run(format, func(t *testing.T) {
@@ -186,6 +188,7 @@ func loadNormalizeCases(t *testing.T) []normalizeCase {
 
 // TestNormalizeCases runs the shared table against the server's normalizeContent.
 func TestNormalizeCases(t *testing.T) {
+	t.Parallel()
 	for _, tc := range loadNormalizeCases(t) {
 		t.Run(tc.Name, func(t *testing.T) {
 			got, err := normalizeContent(tc.Input)
@@ -262,6 +265,7 @@ func TestE2ENormalizeCases(t *testing.T) {
 // changes nothing; and, as documented, every attempt takes a token, whatever it
 // is answered.
 func TestLimitsRateLimitFirst(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "RATE_LIMIT_SENDS=1/h,3", "RATE_LIMIT_CONVERSATIONS=1/h,1")
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob) // alice's one conversation token

@@ -20,6 +20,7 @@ import (
 const eventWait = 5 * time.Second
 
 func TestStreamDeliversToEveryStreamOnce(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
@@ -47,6 +48,7 @@ func TestStreamDeliversToEveryStreamOnce(t *testing.T) {
 }
 
 func TestStreamProtocol(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "SSE_KEEPALIVE=100ms")
 	alice := ts.newUser(t, "alice")
 
@@ -140,6 +142,7 @@ keptAlive:
 // cannot take a sequence number until the first commits, so a client that resumes
 // from its last id can never have skipped the first.
 func TestStreamOrderUnderConcurrentCommits(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob, carol := ts.newUser(t, "alice"), ts.newUser(t, "bob"), ts.newUser(t, "carol")
 	convA := alice.startConversation(bob)
@@ -209,6 +212,7 @@ func TestStreamOrderUnderConcurrentCommits(t *testing.T) {
 }
 
 func TestStreamResume(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	bob := ts.newUser(t, "bob")
 	var senders []*client
@@ -266,6 +270,7 @@ func TestStreamResume(t *testing.T) {
 // give the position it starts from, a fresh one (the log's end) or a resumed one;
 // a resumed stream replays after it, so ids never go back.
 func TestStreamReadyFirst(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	ready := func(s *sseStream, want string) {
@@ -335,6 +340,7 @@ func metricValue(t *testing.T, ts *testServer, name string) float64 {
 }
 
 func TestSlowStreamIsDropped(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "SSE_BUFFER=8", "SSE_WRITE_TIMEOUT=1s")
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
@@ -441,6 +447,7 @@ func TestStreamsDoNotLeak(t *testing.T) {
 }
 
 func TestReadAndTypingReachOnlyTheOther(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
