@@ -48,7 +48,10 @@ func (s *server) pruneEvents(ctx context.Context) {
 }
 
 // deleteOldEvents deletes up to pruneBatch of the oldest events past the retention,
-// found through the index on created_at, and returns how many it deleted.
+// found through the index on created_at, and returns how many it deleted. The rows
+// are locked as they are found, skipping any that another instance's pruner holds,
+// so pruners running at once share the work instead of waiting on each other (or
+// deadlocking, as two DELETEs of the same rows in different orders would).
 func (s *server) deleteOldEvents(ctx context.Context) (int64, error) {
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
@@ -56,7 +59,8 @@ func (s *server) deleteOldEvents(ctx context.Context) (int64, error) {
 		DELETE FROM events WHERE (user_id, seq) IN (
 			SELECT user_id, seq FROM events
 			WHERE created_at < now() - make_interval(secs => $1)
-			ORDER BY created_at LIMIT $2)`, s.cfg.eventRetention.Seconds(), pruneBatch)
+			ORDER BY created_at LIMIT $2
+			FOR UPDATE SKIP LOCKED)`, s.cfg.eventRetention.Seconds(), pruneBatch)
 	if err != nil {
 		return 0, fmt.Errorf("delete old events: %w", err)
 	}
