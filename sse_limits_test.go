@@ -206,7 +206,7 @@ func TestLongReplayWithLiveEvents(t *testing.T) {
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
 	start := eventSeq(t, ts, bob)
-	const missed, live = 950, 40
+	const missed, live = 950, 20
 	sendMany(t, ts, alice, conv.ID, missed, strings.Repeat("€", 480)) // about 1.5 KB a frame
 
 	conn := openSilentStream(t, ts, bob, strconv.FormatInt(start, 10))
