@@ -13,7 +13,8 @@ db=messenger_prune_$$
 export PGOPTIONS='-c client_min_messages=warning'
 psql() { command psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qAt "$@"; }
 psql -d postgres -c "CREATE DATABASE $db"
-trap 'psql -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null' EXIT
+trap 'psql -d postgres -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null; rm -f /tmp/prune.$$' EXIT
+trap 'exit 1' INT TERM
 psql -d "$db" -f schema.sql >/dev/null
 psql -d "$db" -c "
   INSERT INTO users (username) SELECT 'u' || g FROM generate_series(1, 2000) g;

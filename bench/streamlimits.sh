@@ -20,9 +20,10 @@ go build -o /tmp/streamflood.$$ ./bench/streamflood
 cleanup() {
   [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
   psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
-  rm -f /tmp/streamflood.$$
+  rm -f /tmp/streamflood.$$ /tmp/streamlimits.$$.log /tmp/streamlimits.$$.out
 }
 trap cleanup EXIT
+trap 'exit 1' INT TERM
 
 (ulimit -n 1024 && exec env DATABASE_URL="$url" DEV_LOGIN=true PORT=$port HOST=127.0.0.1 \
   RATE_LIMIT_LOGINS=off LOG_FORMAT=json "$bin" >/dev/null 2>/tmp/streamlimits.$$.log) &
@@ -47,4 +48,3 @@ curl -s -m 5 -o /tmp/streamlimits.$$.out -H 'Accept: text/event-stream' -H "Auth
   -H 'Last-Event-ID: 0' "http://127.0.0.1:$port/api/messages" || true
 echo "bytes in 5 s: $(wc -c < /tmp/streamlimits.$$.out), message frames: $(grep -c '^data: {"id"' /tmp/streamlimits.$$.out || true)"
 echo "first frames:"; head -c 400 /tmp/streamlimits.$$.out | grep -v '^$' | head -8
-rm -f /tmp/streamlimits.$$.out /tmp/streamlimits.$$.log
