@@ -61,6 +61,12 @@ type config struct {
 	streamBuffer int           // events a stream may fall behind before it is dropped
 	syncInterval time.Duration // how often streams are checked against the event log
 
+	streamsPerUser int           // open streams one user may hold on this instance
+	streamsMax     int           // open streams on this instance, all users together
+	replayMax      int           // most events a resuming stream replays; beyond: reset
+	eventRetention time.Duration // age past which events leave the log
+	pruneInterval  time.Duration // how often the log is pruned
+
 	dbMaxConns int
 
 	rateSends         rateSpec
@@ -137,6 +143,21 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.dbMaxConns, err = parseInt(getenv, "DB_MAX_CONNS", 20); err != nil {
+		return cfg, err
+	}
+	if cfg.streamsPerUser, err = parseInt(getenv, "STREAMS_PER_USER", defaultStreamsPerUser); err != nil {
+		return cfg, err
+	}
+	if cfg.streamsMax, err = parseInt(getenv, "STREAMS_MAX", defaultStreamsMax(cfg.dbMaxConns)); err != nil {
+		return cfg, err
+	}
+	if cfg.replayMax, err = parseInt(getenv, "REPLAY_MAX", 1000); err != nil {
+		return cfg, err
+	}
+	if cfg.eventRetention, err = parseDuration(getenv, "EVENT_RETENTION", 7*24*time.Hour); err != nil {
+		return cfg, err
+	}
+	if cfg.pruneInterval, err = parseDuration(getenv, "EVENT_PRUNE_INTERVAL", 5*time.Minute); err != nil {
 		return cfg, err
 	}
 	if cfg.rateSends, err = parseRate(getenv, "RATE_LIMIT_SENDS", "20/s,60"); err != nil {
@@ -289,7 +310,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	}
 	s.notifier = newNotifier(db, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
-	s.hub = newHub(db, cfg.streamBuffer, m, logger)
+	s.hub = newHub(db, cfg, m, logger)
 	s.listener = pq.NewListener(cfg.listenURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
 			logger.Warn("event listener", "state", ev.String(), "err", err)
@@ -315,6 +336,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	wg.Go(func() { s.notifier.run(bg) })
 	wg.Go(func() { s.cleanUp(bg) })
 	wg.Go(func() { sessions.run(bg) })
+	wg.Go(func() { every(bg, cfg.pruneInterval, nil, func() { s.pruneEvents(bg) }) })
 	go func() {
 		wg.Wait()
 		close(s.done)

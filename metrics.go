@@ -20,6 +20,9 @@ type metrics struct {
 	streamsOpen        prometheus.Gauge
 	eventsDelivered    prometheus.Counter
 	streamsDroppedSlow prometheus.Counter
+	streamsRefused     *prometheus.CounterVec // by reason: user_limit, server_full
+	streamResets       *prometheus.CounterVec // by reason: too_far_behind, expired, unknown_position
+	eventsPruned       prometheus.Counter
 	listenerReconnects prometheus.Counter
 	notifyFailures     prometheus.Counter
 	sessionsEnded      *prometheus.CounterVec
@@ -44,6 +47,15 @@ func newMetrics(db *sql.DB) *metrics {
 		streamsDroppedSlow: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "messenger_streams_dropped_slow_total", Help: "Streams ended because they fell behind.",
 		}),
+		streamsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_streams_refused_total", Help: "Stream requests refused at a cap: user_limit (STREAMS_PER_USER) or server_full (STREAMS_MAX).",
+		}, []string{"reason"}),
+		streamResets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_stream_resets_total", Help: "Resuming streams sent reset instead of a replay, by reason.",
+		}, []string{"reason"}),
+		eventsPruned: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_events_pruned_total", Help: "Events deleted from the log past EVENT_RETENTION.",
+		}),
 		listenerReconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "messenger_listener_reconnects_total", Help: "Times the LISTEN connection was re-established.",
 		}),
@@ -55,9 +67,16 @@ func newMetrics(db *sql.DB) *metrics {
 		}, []string{"reason"}),
 	}
 	m.registry.MustRegister(m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
-		m.streamsDroppedSlow, m.listenerReconnects,
+		m.streamsDroppedSlow, m.streamsRefused, m.streamResets, m.eventsPruned, m.listenerReconnects,
 		collectors.NewDBStatsCollector(db, "messenger"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// Every label value exists from the start, so that a dashboard sees zeros.
+	for _, reason := range []string{"user_limit", "server_full"} {
+		m.streamsRefused.WithLabelValues(reason)
+	}
+	for _, reason := range []string{resetTooFarBehind, resetExpired, resetUnknownPosition} {
+		m.streamResets.WithLabelValues(reason)
+	}
 	return m
 }
 

@@ -5,14 +5,12 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -325,7 +323,7 @@ func (c *client) streamWithQuery(t *testing.T, lastEventID string) *sseStream {
 }
 
 // metricValue reads one unlabelled metric from /metrics.
-func metricValue(t *testing.T, ts *testServer, name string) float64 {
+func metricValue(t testing.TB, ts *testServer, name string) float64 {
 	t.Helper()
 	resp, b := (&client{t: t, base: ts.URL}).do("GET", "/metrics", nil)
 	if resp.StatusCode != http.StatusOK {
@@ -346,18 +344,7 @@ func TestSlowStreamIsDropped(t *testing.T) {
 	conv := alice.startConversation(bob)
 	healthy := bob.stream("")
 
-	// A client that opens the stream and never reads, with a tiny receive buffer.
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) {
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
-		})
-	}}
-	conn, err := d.Dial("tcp", strings.TrimPrefix(ts.URL, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	fmt.Fprintf(conn, "GET /api/messages HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Bearer %s\r\n\r\n", bob.Token)
+	openSilentStream(t, ts, bob, "")
 	waitFor(t, eventWait, "two open streams", func() bool { return metricValue(t, ts, "messenger_streams_open") == 2 })
 
 	big := strings.Repeat("€", 480) // about 1.5 KB a frame
@@ -389,7 +376,7 @@ func TestSlowStreamIsDropped(t *testing.T) {
 }
 
 func TestStreamsDoNotLeak(t *testing.T) {
-	ts := newTestServer(t)
+	ts := newTestServer(t, "STREAMS_PER_USER=1000")
 	alice := ts.newUser(t, "alice")
 	tr := &http.Transport{MaxIdleConnsPerHost: -1}
 	defer tr.CloseIdleConnections()
