@@ -22,6 +22,8 @@ type metrics struct {
 	streamsDroppedSlow prometheus.Counter
 	listenerReconnects prometheus.Counter
 	notifyFailures     prometheus.Counter
+	busMessages        *prometheus.CounterVec
+	busReconnects      prometheus.Counter
 	sessionsEnded      *prometheus.CounterVec
 }
 
@@ -48,16 +50,25 @@ func newMetrics(db *sql.DB) *metrics {
 			Name: "messenger_listener_reconnects_total", Help: "Times the LISTEN connection was re-established.",
 		}),
 		notifyFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "messenger_notify_failures_total", Help: "NOTIFY round trips that failed (their events reach streams at the next sync).",
+			Name: "messenger_notify_failures_total", Help: "NOTIFY round trips or bus publishes that failed (their events reach streams at the next sync).",
+		}),
+		busMessages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_bus_messages_total", Help: "NATS bus messages by direction (published, received).",
+		}, []string{"direction"}),
+		busReconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_bus_reconnects_total", Help: "Times the NATS connection was re-established.",
 		}),
 		sessionsEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "messenger_sessions_ended_total", Help: "Sessions ended through this instance, by reason (signed_out, signed_out_everywhere, too_many_sessions).",
 		}, []string{"reason"}),
 	}
 	m.registry.MustRegister(m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
-		m.streamsDroppedSlow, m.listenerReconnects,
+		m.streamsDroppedSlow, m.listenerReconnects, m.busMessages, m.busReconnects,
 		collectors.NewDBStatsCollector(db, "messenger"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	for _, direction := range []string{"published", "received"} {
+		m.busMessages.WithLabelValues(direction) // shown at 0 from the start
+	}
 	return m
 }
 

@@ -1,0 +1,189 @@
+package main
+
+import (
+	"net"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	natsserver "github.com/nats-io/nats-server/v2/server"
+)
+
+// natsTestServer is a NATS server running in the test process, which a test may
+// shut down and start again on the same port.
+type natsTestServer struct {
+	port int
+	ns   *natsserver.Server
+}
+
+// newNATSServer starts a NATS server on a free port of 127.0.0.1; it is shut down
+// when the test ends.
+func newNATSServer(t testing.TB) *natsTestServer {
+	t.Helper()
+	n := &natsTestServer{port: -1} // -1: a random port, kept for restarts
+	n.start(t)
+	n.port = n.ns.Addr().(*net.TCPAddr).Port
+	t.Cleanup(n.shutdown)
+	return n
+}
+
+// start starts the server (again, on the same port) and waits until it accepts
+// connections.
+func (n *natsTestServer) start(t testing.TB) {
+	t.Helper()
+	ns, err := natsserver.NewServer(&natsserver.Options{Host: "127.0.0.1", Port: n.port, NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatalf("NATS server: %v", err)
+	}
+	go ns.Start()
+	if !ns.ReadyForConnections(20 * time.Second) {
+		t.Fatalf("NATS server did not start within 20s")
+	}
+	n.ns = ns
+}
+
+// shutdown stops the server, dropping every client's connection.
+func (n *natsTestServer) shutdown() {
+	n.ns.Shutdown()
+	n.ns.WaitForShutdown()
+}
+
+func (n *natsTestServer) URL() string {
+	return "nats://127.0.0.1:" + strconv.Itoa(n.port)
+}
+
+// subjects returns the subjects each client connection subscribes to, sorted.
+func (n *natsTestServer) subjects(t testing.TB) [][]string {
+	t.Helper()
+	connz, err := n.ns.Connz(&natsserver.ConnzOptions{Subscriptions: true})
+	if err != nil {
+		t.Fatalf("connz: %v", err)
+	}
+	var subs [][]string
+	for _, c := range connz.Conns {
+		s := slices.Clone(c.Subs)
+		slices.Sort(s)
+		subs = append(subs, s)
+	}
+	return subs
+}
+
+// testBus is the bus a test's instances wake each other through.
+type testBus struct {
+	name string
+	env  []string        // settings for newTestServer
+	nats *natsTestServer // nil for PostgreSQL's LISTEN/NOTIFY
+}
+
+// forEachBus runs test once with each bus: LISTEN/NOTIFY, and NATS started in the
+// test process.
+func forEachBus(t *testing.T, test func(t *testing.T, bus testBus)) {
+	for _, name := range []string{"postgres", "nats"} {
+		t.Run(name, func(t *testing.T) {
+			bus := testBus{name: name}
+			if name == "nats" {
+				bus.nats = newNATSServer(t)
+				bus.env = []string{"NATS_URL=" + bus.nats.URL()}
+			}
+			test(t, bus)
+		})
+	}
+}
+
+// with returns the bus's settings followed by env.
+func (b testBus) with(env ...string) []string {
+	return slices.Concat(b.env, env)
+}
+
+// TestBusSubscribesOnlyHeldUsers checks that, with NATS, an instance subscribes to
+// the subjects of the users whose streams it holds, and no others, so that it
+// receives only their wake-ups; and that it unsubscribes with the user's last
+// stream.
+func TestBusSubscribesOnlyHeldUsers(t *testing.T) {
+	n := newNATSServer(t)
+	a, b := newTestServer(t, "NATS_URL="+n.URL()), newTestServer(t, "NATS_URL="+n.URL())
+	alice, bob := a.newUser(t, "alice"), a.newUser(t, "bob")
+	carol, dave := a.newUser(t, "carol"), a.newUser(t, "dave")
+	aliceBob, carolDave := alice.startConversation(bob), carol.startConversation(dave)
+
+	var prefix string
+	if err := a.DB.QueryRow(`SELECT value FROM settings WHERE name = 'bus_subject_prefix'`).Scan(&prefix); err != nil {
+		t.Fatalf("read the subject prefix both instances agreed on: %v", err)
+	}
+	subject := func(c *client) string { return "messenger." + prefix + ".user." + strconv.FormatInt(c.User.ID, 10) }
+
+	aliceOnA, aliceOnA2, bobOnB := alice.stream(""), alice.stream(""), bob.as(b).stream("")
+	want := [][]string{{subject(alice)}, {subject(bob)}}
+	got := n.subjects(t)
+	slices.SortFunc(got, slices.Compare)
+	slices.SortFunc(want, slices.Compare)
+	if !slices.EqualFunc(got, want, slices.Equal) {
+		t.Fatalf("subscriptions per connection: got %v, want %v", got, want)
+	}
+
+	// Users with no stream anywhere: nobody receives their wake-ups.
+	for i := range 10 {
+		carol.send(carolDave.ID, "unheard "+strconv.Itoa(i))
+	}
+	m := alice.send(aliceBob.ID, "heard")
+	for name, s := range map[string]*sseStream{"alice on A": aliceOnA, "alice on A again": aliceOnA2, "bob on B": bobOnB} {
+		if _, got := s.nextMessage(eventWait); got.ID != m.ID {
+			t.Fatalf("%s: got %s, want %s", name, got.ID, m.ID)
+		}
+	}
+	// One publisher's messages arrive in order, so carol's and dave's wake-ups, had
+	// they been received, would have come before alice's and bob's.
+	for _, ts := range []*testServer{a, b} {
+		if got := metricValue(t, ts, `messenger_bus_messages_total\{direction="received"\}`); got != 1 {
+			t.Errorf("bus messages received: got %v, want 1 (one user's one message)", got)
+		}
+	}
+	if got := metricValue(t, a, `messenger_bus_messages_total\{direction="published"\}`); got != 22 {
+		t.Errorf("bus messages published by A: got %v, want 22 (two users of 11 messages)", got)
+	}
+
+	// The subscription goes with the user's last stream, not before.
+	aliceOnA.close()
+	waitFor(t, eventWait, "A to notice the first stream left", func() bool { return metricValue(t, a, "messenger_streams_open") == 1 })
+	if got := n.subjects(t); !slices.ContainsFunc(got, func(s []string) bool { return slices.Equal(s, []string{subject(alice)}) }) {
+		t.Fatalf("subscriptions with one of alice's streams left: got %v, want alice's still there", got)
+	}
+	aliceOnA2.close()
+	waitFor(t, eventWait, "alice's subscription to go", func() bool {
+		return !slices.ContainsFunc(n.subjects(t), func(s []string) bool { return slices.Contains(s, subject(alice)) })
+	})
+}
+
+// TestBusSubjectPrefixSetting checks NATS_SUBJECT_PREFIX: a valid prefix names the
+// subjects, and an invalid one stops the server from starting.
+func TestBusSubjectPrefixSetting(t *testing.T) {
+	for _, tc := range []struct {
+		prefix string
+		ok     bool
+	}{
+		{"prod.eu-1", true},
+		{"a_b", true},
+		{"", true},
+		{"has space", false},
+		{"wild.*", false},
+		{"tail.>", false},
+		{"double..dot", false},
+		{".lead", false},
+	} {
+		_, err := loadConfig(func(k string) string {
+			return map[string]string{"DEV_LOGIN": "true", "NATS_SUBJECT_PREFIX": tc.prefix}[k]
+		})
+		if (err == nil) != tc.ok {
+			t.Errorf("NATS_SUBJECT_PREFIX=%q: got error %v, want ok=%v", tc.prefix, err, tc.ok)
+		}
+	}
+
+	n := newNATSServer(t)
+	ts := newTestServer(t, "NATS_URL="+n.URL(), "NATS_SUBJECT_PREFIX=custom.deploy")
+	alice := ts.newUser(t, "alice")
+	alice.stream("")
+	if got, want := n.subjects(t), [][]string{{"custom.deploy.user." + strconv.FormatInt(alice.User.ID, 10)}}; !slices.EqualFunc(got, want, slices.Equal) {
+		t.Fatalf("subjects: got %v, want %v", got, want)
+	}
+}
