@@ -304,10 +304,12 @@ func (s *sender) len() int {
 
 // TestFaultsPostgresRestart restarts PostgreSQL under a running server: requests
 // during the outage fail fast with 503, nothing acknowledged is lost or delivered
-// twice, and the server recovers by itself.
-func TestFaultsPostgresRestart(t *testing.T) {
+// twice, and the server recovers by itself; on either bus.
+func TestFaultsPostgresRestart(t *testing.T) { forEachBus(t, testFaultsPostgresRestart) }
+
+func testFaultsPostgresRestart(t *testing.T, bus testBus) {
 	pg := newPGCluster(t)
-	ts := newTestServer(t, "DATABASE_URL="+pg.URL(), "SSE_SYNC_INTERVAL=1s")
+	ts := newTestServer(t, bus.with("DATABASE_URL="+pg.URL(), "SSE_SYNC_INTERVAL=1s")...)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
 
@@ -428,8 +430,10 @@ func TestFaultsPostgresRestart(t *testing.T) {
 
 // TestFaultsSIGTERM stops the real binary with SIGTERM while messages flow: it
 // exits 0 promptly, its streams end cleanly, and every acknowledged message was
-// delivered before the end or is replayed by a fresh instance.
-func TestFaultsSIGTERM(t *testing.T) {
+// delivered before the end or is replayed by a fresh instance; on either bus.
+func TestFaultsSIGTERM(t *testing.T) { forEachBus(t, testFaultsSIGTERM) }
+
+func testFaultsSIGTERM(t *testing.T, bus testBus) {
 	goTool, err := exec.LookPath("go")
 	if err != nil {
 		skipUnlessCI(t, "no go command to build the server")
@@ -447,6 +451,7 @@ func TestFaultsSIGTERM(t *testing.T) {
 		"DATABASE_URL=" + testDatabaseURL, "DEV_LOGIN=true", "HOST=127.0.0.1", "PORT=" + strconv.Itoa(port),
 		"RATE_LIMIT_SENDS=off", "RATE_LIMIT_CONVERSATIONS=off", "RATE_LIMIT_LOGINS=off",
 	}
+	cmd.Env = append(cmd.Env, bus.env...)
 	logs := &syncBuffer{}
 	cmd.Stderr = logs
 	stdout, err := cmd.StdoutPipe()
@@ -557,7 +562,7 @@ func TestFaultsSIGTERM(t *testing.T) {
 
 	// Every acknowledged message is stored, and each user has it: from the stream
 	// before it ended, or replayed by a fresh instance from the last event id.
-	fresh := newTestServer(t)
+	fresh := newTestServer(t, bus.env...)
 	mu.Lock()
 	defer mu.Unlock()
 	for id := range acked {
