@@ -1,9 +1,18 @@
 package main
 
 import (
+	"bytes"
+	"database/sql"
+	"encoding/json"
+	"fmt"
 	"net"
+	"net/http"
+	"os"
 	"slices"
 	"strconv"
+	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -186,4 +195,189 @@ func TestBusSubjectPrefixSetting(t *testing.T) {
 	if got, want := n.subjects(t), [][]string{{"custom.deploy.user." + strconv.FormatInt(alice.User.ID, 10)}}; !slices.EqualFunc(got, want, slices.Equal) {
 		t.Fatalf("subjects: got %v, want %v", got, want)
 	}
+}
+
+// BenchmarkBuses measures, for each bus and 1, 2 and 4 instances in this process,
+// the CPU spent per delivered message and the delivery latency (send start to the
+// recipient's stream). busPairs pairs of users each hold one stream per user,
+// spread over the instances; each pair's sender sends through another instance
+// than its own stream's; busMessages messages go out at busRate a second. CPU is
+// this process's (instances, clients, and the NATS server when it is the bus) and
+// that of the PostgreSQL backends connected to the test database (the pools, the
+// listeners, and the tests' own):
+//
+//	go test -run '^$' -bench Buses -benchtime 1x .
+func BenchmarkBuses(b *testing.B) {
+	for _, bus := range []string{"postgres", "nats"} {
+		for _, n := range []int{1, 2, 4} {
+			b.Run(fmt.Sprintf("%s/instances=%d", bus, n), func(b *testing.B) {
+				var env []string
+				if bus == "nats" {
+					env = []string{"NATS_URL=" + newNATSServer(b).URL()}
+				}
+				var instances []*testServer
+				for range n {
+					instances = append(instances, newTestServer(b, env...))
+				}
+				for range b.N {
+					benchmarkBusRound(b, instances)
+				}
+			})
+		}
+	}
+}
+
+const (
+	busPairs    = 50
+	busMessages = 900
+	busRate     = 150 // messages a second
+)
+
+func benchmarkBusRound(b *testing.B, instances []*testServer) {
+	n := len(instances)
+	type pair struct {
+		from, to    *client
+		conv        string
+		fromS, toS  *sseStream
+		sendThrough *testServer
+	}
+	pairs := make([]pair, busPairs)
+	for i := range pairs {
+		home := instances[i%n]
+		p := &pairs[i]
+		p.from, p.to = home.newUser(b, "bf"), home.newUser(b, "bt")
+		p.conv = p.from.startConversation(p.to).ID
+		p.sendThrough = instances[(i+1)%n]
+		p.fromS, p.toS = p.from.as(p.sendThrough).stream(""), p.to.stream("")
+	}
+
+	var mu sync.Mutex // guards sentAt
+	sentAt := make(map[string]time.Time, busMessages)
+	perPair := busMessages / busPairs
+	var lat []time.Duration
+	var latMu sync.Mutex // guards lat
+	var readers sync.WaitGroup
+	deadline := time.Now().Add(2 * time.Minute)
+	for i := range pairs {
+		p := &pairs[i]
+		for _, s := range []*sseStream{p.fromS, p.toS} {
+			recipient := s == p.toS
+			readers.Go(func() {
+				for got := 0; got < perPair; {
+					select {
+					case ev, ok := <-s.events:
+						if !ok {
+							b.Errorf("stream ended after %d messages", got)
+							return
+						}
+						var m apiMessage
+						if ev.Event != "" || json.Unmarshal([]byte(ev.Data), &m) != nil {
+							continue
+						}
+						got++
+						if recipient {
+							mu.Lock()
+							d := time.Since(sentAt[m.Content])
+							mu.Unlock()
+							latMu.Lock()
+							lat = append(lat, d)
+							latMu.Unlock()
+						}
+					case <-time.After(time.Until(deadline)):
+						b.Errorf("%d of %d messages after 2 minutes", got, perPair)
+						return
+					}
+				}
+			})
+		}
+	}
+
+	cpu0, pg0 := processCPU(), backendCPU(b, instances[0].DB)
+	start := time.Now()
+	tick := time.NewTicker(time.Second / busRate)
+	var sends sync.WaitGroup
+	httpClient := &http.Client{Timeout: 30 * time.Second}
+	for i := range busMessages {
+		<-tick.C
+		p := &pairs[i%busPairs]
+		content := fmt.Sprintf("bench %d", i)
+		sends.Go(func() {
+			mu.Lock()
+			sentAt[content] = time.Now()
+			mu.Unlock()
+			body, _ := json.Marshal(map[string]string{"content": content})
+			res, err := rawDoWith(httpClient, "POST", p.sendThrough.URL+"/api/conversations/"+p.conv+"/messages", body, jsonHeader(p.from.Token))
+			if err != nil || res.status != http.StatusCreated {
+				b.Errorf("send: %v %d %s", err, res.status, res.body)
+			}
+		})
+	}
+	tick.Stop()
+	sends.Wait()
+	readers.Wait()
+	elapsed := time.Since(start)
+	cpu, pg := processCPU()-cpu0, cpuSince(pg0, backendCPU(b, instances[0].DB))
+	delivered := float64(2 * busMessages)
+
+	slices.Sort(lat)
+	if len(lat) == 0 {
+		b.Fatal("nothing delivered")
+	}
+	pct := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))].Microseconds()) / 1000 }
+	b.ReportMetric(float64(cpu.Microseconds())/delivered, "proc-cpu-µs/msg")
+	b.ReportMetric(float64(pg.Microseconds())/delivered, "pg-cpu-µs/msg")
+	b.ReportMetric(float64((cpu+pg).Microseconds())/delivered, "total-cpu-µs/msg")
+	b.ReportMetric(pct(0.5), "p50-ms")
+	b.ReportMetric(pct(0.99), "p99-ms")
+	b.ReportMetric(float64(busMessages)/elapsed.Seconds(), "sent/s")
+	for i := range pairs {
+		pairs[i].fromS.close()
+		pairs[i].toS.close()
+	}
+}
+
+// processCPU is the user and system CPU time this process has used.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// backendCPU returns the user and system CPU time of each PostgreSQL backend
+// connected to the test database, by pid, from /proc (PostgreSQL runs on this
+// machine; clock ticks of 1/100 s).
+func backendCPU(b *testing.B, db *sql.DB) map[int]time.Duration {
+	rows, err := db.Query(`SELECT pid FROM pg_stat_activity WHERE datname = current_database()`)
+	if err != nil {
+		b.Fatalf("list backends: %v", err)
+	}
+	defer rows.Close()
+	cpu := map[int]time.Duration{}
+	for rows.Next() {
+		var pid int
+		rows.Scan(&pid)
+		s, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		end := bytes.LastIndexByte(s, ')')
+		f := strings.Fields(string(s[end+1:]))
+		if end < 0 || len(f) < 13 {
+			continue
+		}
+		ut, _ := strconv.ParseInt(f[11], 10, 64) // utime, the 14th field
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		cpu[pid] = time.Duration(ut+st) * 10 * time.Millisecond
+	}
+	return cpu
+}
+
+// cpuSince is how much CPU the backends of after used since before (all of it, for
+// a backend that started since).
+func cpuSince(before, after map[int]time.Duration) time.Duration {
+	var d time.Duration
+	for pid, t := range after {
+		d += t - before[pid]
+	}
+	return d
 }
