@@ -14,6 +14,7 @@ import (
 )
 
 func TestLogin(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	name := uniqueName("Jane")
 	c := ts.login(t, name)
@@ -67,6 +68,7 @@ func TestLogin(t *testing.T) {
 }
 
 func TestAuthUserAndRefresh(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	c := ts.newUser(t, "a")
 	var u apiUser
@@ -117,6 +119,7 @@ func TestAuthUserAndRefresh(t *testing.T) {
 }
 
 func TestUsernames(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	prefix := "zq" + randomHex(3)
 	me := ts.login(t, prefix+"_me")
@@ -140,6 +143,7 @@ func TestUsernames(t *testing.T) {
 }
 
 func TestConversations(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 
@@ -227,6 +231,7 @@ func TestConversations(t *testing.T) {
 }
 
 func TestCreateConversationConcurrently(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	const n = 50
@@ -270,6 +275,7 @@ func TestCreateConversationConcurrently(t *testing.T) {
 }
 
 func TestPagination(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	me := ts.newUser(t, "me")
 	const n = 60
@@ -355,6 +361,7 @@ func TestPagination(t *testing.T) {
 }
 
 func TestMessageContent(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
@@ -398,6 +405,7 @@ func TestMessageContent(t *testing.T) {
 }
 
 func TestIdempotentSend(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
@@ -444,6 +452,7 @@ func fakeGitHub(t testing.TB, id int64, login string) *httptest.Server {
 }
 
 func TestGitHubSignIn(t *testing.T) {
+	t.Parallel()
 	ghID := time.Now().UnixNano() % 1e12
 	login := uniqueName("gh")
 	gh := fakeGitHub(t, ghID, login)
@@ -549,6 +558,7 @@ func TestGitHubSignIn(t *testing.T) {
 }
 
 func TestWebClientRoutes(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	anon := &client{t: t, base: ts.URL}
 	for _, path := range []string{"/", "/conversations/5", "/login"} {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
-	"database/sql"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -34,11 +33,10 @@ type tokenSigner struct {
 }
 
 var (
-	errTokenMissing = &apiError{status: http.StatusUnauthorized, msg: "missing token"}
-	errTokenInvalid = &apiError{status: http.StatusUnauthorized, msg: "invalid token"}
-	errTokenExpired = &apiError{status: http.StatusUnauthorized, msg: "token expired"}
-	errTokenInQuery = &apiError{status: http.StatusUnauthorized,
-		msg: "a token in the URL is accepted only by GET /api/messages; send Authorization: Bearer <token>"}
+	errTokenMissing = unauthenticated("missing token")
+	errTokenInvalid = unauthenticated("invalid token")
+	errTokenExpired = unauthenticated("token expired")
+	errTokenInQuery = unauthenticated("a token in the URL is accepted only by GET /api/messages; send Authorization: Bearer <token>")
 )
 
 // maxTokenLen bounds what parse reads; real tokens are about 100 bytes.
@@ -161,15 +159,8 @@ func (s *server) checkToken(r *http.Request, queryToken bool) (session, error) {
 		sess.ends = ends
 		return sess, nil
 	}
-	err = s.db.QueryRowContext(r.Context(), `
-		SELECT expires_at FROM sessions
-		WHERE id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > now()`,
-		c.sessionID, c.userID).Scan(&sess.ends)
-	if errors.Is(err, sql.ErrNoRows) {
-		return session{}, errSessionEnded
-	}
-	if err != nil {
-		return session{}, fmt.Errorf("check session: %w", err)
+	if sess.ends, err = openSessionEnd(r.Context(), s.db, c.sessionID, c.userID); err != nil {
+		return session{}, err
 	}
 	s.sessionCache.put(c.sessionID, c.userID, sess.ends, now, gen)
 	return sess, nil
@@ -205,107 +196,95 @@ type authResponse struct {
 
 // handleLogin serves POST /api/login: development sign-in by username, creating the
 // user on first use. It is 404 unless DEV_LOGIN is on.
-func (s *server) handleLogin() http.HandlerFunc {
+func (s *server) handleLogin() apiHandler {
 	type request struct {
 		Username string `json:"username"`
 	}
-	return func(w http.ResponseWriter, r *http.Request) {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		if !s.cfg.devLogin {
-			s.respondError(w, r, errNotFound)
-			return
+			return errNotFound
 		}
 		if err := s.limits.logins.allow(clientIP(r)); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		var req request
 		if err := decodeJSON(w, r, &req); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		if err := validateUsername(req.Username); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		user, err := upsertUser(r.Context(), s.db, req.Username)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		token, exp, err := s.startSession(r.Context(), user.ID)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		respond(w, http.StatusOK, authResponse{AuthUser: user, Token: token, ExpiresAt: exp.UTC()})
+		return nil
 	}
 }
 
 // handleAuthUser serves GET /api/auth_user: the signed-in user.
-func (s *server) handleAuthUser() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleAuthUser() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		user, err := userByID(r.Context(), s.db, sessionFrom(r.Context()).userID)
 		if errors.Is(err, errNotFound) {
 			err = errTokenInvalid // the token names a user that no longer exists
 		}
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		respond(w, http.StatusOK, user)
+		return nil
 	}
 }
 
 // handleRefreshToken serves POST /api/refresh_token: a fresh token for the caller's
 // session. It expires after TOKEN_TTL or at the session's hard end, whichever
 // comes first: refreshing never carries a session past SESSION_MAX_AGE.
-func (s *server) handleRefreshToken() http.HandlerFunc {
+func (s *server) handleRefreshToken() apiHandler {
 	type response struct {
 		Token     string    `json:"token"`
 		ExpiresAt time.Time `json:"expiresAt"`
 	}
-	return func(w http.ResponseWriter, r *http.Request) {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		sess := sessionFrom(r.Context())
-		var ends time.Time
-		err := s.db.QueryRowContext(r.Context(), `
-			UPDATE sessions SET refreshed_at = now()
-			WHERE id = $1 AND ended_at IS NULL AND expires_at > now()
-			RETURNING expires_at`, sess.sessionID).Scan(&ends)
-		if errors.Is(err, sql.ErrNoRows) {
-			err = errSessionEnded // it ended since authenticate looked
-		}
+		ends, err := refreshSession(r.Context(), s.db, sess.sessionID, sess.userID)
 		if err != nil {
-			s.respondError(w, r, fmt.Errorf("refresh session: %w", err))
-			return
+			return err
 		}
 		token, exp := s.tokens.issue(sess.userID, sess.sessionID, time.Now(), ends)
 		respond(w, http.StatusOK, response{Token: token, ExpiresAt: exp.UTC()})
+		return nil
 	}
 }
 
 // handleLogout serves POST /api/logout: it ends the caller's session. Every token of
 // it is refused from then on, on every instance, and its streams end with a
 // session_ended event. The person's other sessions go on.
-func (s *server) handleLogout() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleLogout() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		sess := sessionFrom(r.Context())
 		if err := s.endSessions(r.Context(), sess.userID, sess.sessionID, 0, endSignedOut); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
 }
 
 // handleLogoutAll serves POST /api/logout/all: it ends every session of the caller,
 // this one included.
-func (s *server) handleLogoutAll() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleLogoutAll() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		if err := s.endSessions(r.Context(), sessionFrom(r.Context()).userID, 0, 0, endSignedOutEverywhere); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
 }
 
@@ -332,23 +311,22 @@ func (s *server) githubOAuth() *oauth2.Config {
 // to the browser with an HttpOnly cookie and redirects to GitHub with a signed
 // state (see oauthStates), storing nothing. nonce is the web client's, handed back
 // with the token so that the client accepts only sign-ins it started.
-func (s *server) handleGitHubStart() http.HandlerFunc {
+func (s *server) handleGitHubStart() apiHandler {
 	states := newOAuthStates(s.cfg.tokenKey)
-	return func(w http.ResponseWriter, r *http.Request) {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		conf := s.githubOAuth()
 		if conf == nil {
-			s.respondError(w, r, &apiError{status: http.StatusNotFound, msg: "GitHub sign-in is not configured"})
-			return
+			return notFound("GitHub sign-in is not configured")
 		}
 		nonce := r.URL.Query().Get("nonce")
 		if !validClientNonce(nonce) {
-			s.respondError(w, r, &apiError{status: http.StatusBadRequest, msg: "nonce must be 16 to 64 letters, digits, '-' or '_'"})
-			return
+			return malformed("nonce must be 16 to 64 letters, digits, '-' or '_'")
 		}
 		cookie := s.stateCookieFor(r)
 		http.SetCookie(w, cookie)
 		state := states.issue(cookie.Value, nonce, time.Now().Add(oauthStateTTL))
 		http.Redirect(w, r, conf.AuthCodeURL(state), http.StatusFound)
+		return nil
 	}
 }
 
@@ -356,15 +334,14 @@ func (s *server) handleGitHubStart() http.HandlerFunc {
 // against the browser's cookie (and clears the cookie), exchanges the code, finds
 // or creates the user by GitHub id and redirects to the web client with a token
 // and the client's nonce.
-func (s *server) handleGitHubCallback() http.HandlerFunc {
-	badState := &apiError{status: http.StatusBadRequest, msg: "invalid or expired OAuth state; start the sign-in again"}
-	githubFailed := &apiError{status: http.StatusBadGateway, msg: "GitHub sign-in failed; try again"}
+func (s *server) handleGitHubCallback() apiHandler {
+	badState := malformed("invalid or expired OAuth state; start the sign-in again")
+	githubFailed := upstreamFailed("GitHub sign-in failed; try again")
 	states := newOAuthStates(s.cfg.tokenKey)
-	return func(w http.ResponseWriter, r *http.Request) {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		conf := s.githubOAuth()
 		if conf == nil {
-			s.respondError(w, r, &apiError{status: http.StatusNotFound, msg: "GitHub sign-in is not configured"})
-			return
+			return notFound("GitHub sign-in is not configured")
 		}
 		q := r.URL.Query()
 		state, code := q.Get("state"), q.Get("code")
@@ -377,8 +354,7 @@ func (s *server) handleGitHubCallback() http.HandlerFunc {
 			nonce, ok = states.check(state, c.Value, time.Now())
 		}
 		if !ok {
-			s.respondError(w, r, badState)
-			return
+			return badState
 		}
 		dest := s.cfg.origin.ResolveReference(&url.URL{Path: "/callback"})
 		if q.Get("error") != "" {
@@ -389,35 +365,32 @@ func (s *server) handleGitHubCallback() http.HandlerFunc {
 				reason = "access_denied"
 			}
 			http.Redirect(w, r, dest.String()+"#error="+reason, http.StatusFound)
-			return
+			return nil
 		}
 		if code == "" || len(code) > 512 {
-			s.respondError(w, r, &apiError{status: http.StatusBadRequest, msg: "missing code"})
-			return
+			return malformed("missing code")
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
 		defer cancel()
 		ghUser, err := s.fetchGitHubUser(ctx, conf, code)
 		if err != nil {
 			s.logger.Warn("github sign-in", "err", err)
-			s.respondError(w, r, githubFailed)
-			return
+			return githubFailed
 		}
 		user, err := upsertGitHubUser(ctx, s.db, ghUser)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		token, exp, err := s.startSession(ctx, user.ID)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		frag := url.Values{"token": {token}, "expires_at": {exp.UTC().Format(time.RFC3339)}}
 		if nonce != "" {
 			frag.Set("nonce", nonce)
 		}
 		http.Redirect(w, r, dest.String()+"#"+frag.Encode(), http.StatusFound)
+		return nil
 	}
 }
 

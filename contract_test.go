@@ -9,6 +9,7 @@ import (
 	"mime"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -31,7 +32,13 @@ type contractChecker struct {
 	router routers.Router
 
 	mu         sync.Mutex // guards violations
-	violations []string
+	violations []violation
+}
+
+// violation is one response that broke the contract, and the server that sent it.
+type violation struct {
+	host string // host:port of the server
+	what string
 }
 
 // contract is the test run's checker, installed by TestMain.
@@ -83,7 +90,7 @@ func (ct *contractTransport) RoundTrip(req *http.Request) (*http.Response, error
 	if isEventStream(resp) {
 		// The stream's body is live; its status and headers are checked.
 		if v := ct.check.validate(req, resp, nil); v != "" {
-			ct.check.record(v)
+			ct.check.record(req.URL.Host, v)
 		}
 		return resp, nil
 	}
@@ -94,7 +101,7 @@ func (ct *contractTransport) RoundTrip(req *http.Request) (*http.Response, error
 		return resp, nil // the connection broke: nothing to judge
 	}
 	if v := ct.check.validate(req, resp, body); v != "" {
-		ct.check.record(v)
+		ct.check.record(req.URL.Host, v)
 	}
 	return resp, nil
 }
@@ -145,34 +152,38 @@ func (c *contractChecker) validate(req *http.Request, resp *http.Response, body 
 	return ""
 }
 
-func (c *contractChecker) record(v string) {
+func (c *contractChecker) record(host, what string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.violations = append(c.violations, v)
+	c.violations = append(c.violations, violation{host, what})
 }
 
-// mark returns how many violations were recorded so far; since returns those after.
-func (c *contractChecker) mark() int {
+// of returns the violations of the server at host ("": of every server).
+func (c *contractChecker) of(host string) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return len(c.violations)
-}
-
-func (c *contractChecker) since(n int) []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]string(nil), c.violations[n:]...)
-}
-
-// failOnContractViolations fails t if responses received from now until t ends
-// break the contract.
-func failOnContractViolations(t testing.TB) {
-	if contract == nil {
-		return
+	var out []string
+	for _, v := range c.violations {
+		if host == "" || v.host == host {
+			out = append(out, v.what)
+		}
 	}
-	n := contract.mark()
+	return out
+}
+
+// failOnContractViolations fails t if the server ts answers anything the contract
+// does not allow while t runs (each test server listens on a port of its own, so
+// tests running in parallel are told apart).
+func failOnContractViolations(t testing.TB, ts *testServer) {
 	t.Cleanup(func() {
-		if v := contract.since(n); len(v) > 0 {
+		if contract == nil || ts.URL == "" {
+			return
+		}
+		u, err := url.Parse(ts.URL)
+		if err != nil {
+			return
+		}
+		if v := contract.of(u.Host); len(v) > 0 {
 			t.Errorf("%d responses that docs/openapi.yaml does not allow:\n%s", len(v), strings.Join(v, "\n"))
 		}
 	})
@@ -182,6 +193,7 @@ func failOnContractViolations(t testing.TB) {
 // a body of the wrong shape and an undocumented route are each reported, and a
 // documented answer is not.
 func TestContractCheckCatchesDrift(t *testing.T) {
+	t.Parallel()
 	c, err := loadContract()
 	if err != nil {
 		t.Fatal(err)
@@ -220,6 +232,7 @@ func TestContractCheckCatchesDrift(t *testing.T) {
 
 // TestOpenAPIServed checks GET /api/openapi.yaml serves the document in the repository.
 func TestOpenAPIServed(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	resp, err := http.Get(ts.URL + "/api/openapi.yaml")
 	if err != nil {

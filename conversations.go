@@ -25,14 +25,16 @@ type Conversation struct {
 const conversationsPageSize = 25
 
 // conversationQuery selects conversations as user $1 sees them; callers add the
-// WHERE conditions after it and the ORDER BY.
+// WHERE conditions after it and the ORDER BY. The last message is looked up by its
+// conversation too, which it always belongs to: a database that splits messages by
+// conversation (docs/scaling.md) then finds it on one shard.
 const conversationQuery = `
 	SELECT p.conversation_id, u.id, u.username, u.avatar_url, p.unread_count,
 	       m.id, m.content, m.user_id, m.created_at
 	FROM participants p
 	JOIN conversations c ON c.id = p.conversation_id
 	JOIN users u ON u.id = CASE WHEN c.user_low = p.user_id THEN c.user_high ELSE c.user_low END
-	LEFT JOIN messages m ON m.id = p.last_message_id
+	LEFT JOIN messages m ON m.conversation_id = p.conversation_id AND m.id = p.last_message_id
 	WHERE p.user_id = $1`
 
 func scanConversation(row interface{ Scan(...any) error }, me int64) (Conversation, error) {
@@ -88,40 +90,37 @@ func otherParticipant(ctx context.Context, db *sql.DB, me, id int64) (User, erro
 
 // handleCreateConversation serves POST /api/conversations: it starts a conversation
 // with the named user (201), or returns the one the two already have (200).
-func (s *server) handleCreateConversation() http.HandlerFunc {
+func (s *server) handleCreateConversation() apiHandler {
 	type request struct {
 		Username string `json:"username"`
 	}
-	return func(w http.ResponseWriter, r *http.Request) {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		me := sessionFrom(r.Context()).userID
+		// The rate limit comes first, as for sends: every attempt takes a token.
+		if err := s.limits.conversations.allow(me); err != nil {
+			return err
+		}
 		var req request
 		if err := decodeJSON(w, r, &req); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		if err := validateUsername(req.Username); err != nil {
-			s.respondError(w, r, err)
-			return
-		}
-		if err := s.limits.conversations.allow(me); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		id, created, err := createConversation(r.Context(), s.db, me, req.Username)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		c, err := conversationByID(r.Context(), s.db, me, id)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		status := http.StatusOK
 		if created {
 			status = http.StatusCreated
 		}
 		respond(w, status, c)
+		return nil
 	}
 }
 
@@ -132,13 +131,13 @@ func createConversation(ctx context.Context, db *sql.DB, me int64, username stri
 	var other int64
 	err = db.QueryRowContext(ctx, `SELECT id FROM users WHERE lower(username) = lower($1)`, username).Scan(&other)
 	if errors.Is(err, sql.ErrNoRows) {
-		return 0, false, &apiError{status: http.StatusNotFound, msg: "user not found"}
+		return 0, false, notFound("user not found")
 	}
 	if err != nil {
 		return 0, false, fmt.Errorf("find user: %w", err)
 	}
 	if other == me {
-		return 0, false, &apiError{status: http.StatusForbidden, msg: "cannot start a conversation with yourself"}
+		return 0, false, forbidden("cannot start a conversation with yourself")
 	}
 	low, high := min(me, other), max(me, other)
 
@@ -166,7 +165,7 @@ func createConversation(ctx context.Context, db *sql.DB, me int64, username stri
 		if _, err := userByID(ctx, db, me); errors.Is(err, errNotFound) {
 			return 0, false, errTokenInvalid
 		}
-		return 0, false, &apiError{status: http.StatusNotFound, msg: "user not found"}
+		return 0, false, notFound("user not found")
 	}
 	if err != nil {
 		return 0, false, fmt.Errorf("insert conversation: %w", err)
@@ -185,85 +184,87 @@ func createConversation(ctx context.Context, db *sql.DB, me int64, username stri
 // handleListConversations serves GET /api/conversations?before=: the caller's
 // conversations, most recent activity first, a page at a time. before is the id of
 // the last conversation of the previous page.
-func (s *server) handleListConversations() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		me := sessionFrom(r.Context()).userID
+func (s *server) handleListConversations() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		before, err := parseCursor(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
-		query, args := conversationQuery, []any{me, conversationsPageSize}
-		if before > 0 {
-			var at time.Time
-			err := s.db.QueryRowContext(r.Context(), `
-				SELECT last_activity_at FROM participants WHERE user_id = $1 AND conversation_id = $2`,
-				me, before).Scan(&at)
-			if errors.Is(err, sql.ErrNoRows) {
-				s.respondError(w, r, &apiError{status: http.StatusBadRequest, msg: "before: no such conversation"})
-				return
-			}
-			if err != nil {
-				s.respondError(w, r, fmt.Errorf("conversation cursor: %w", err))
-				return
-			}
-			query += ` AND (p.last_activity_at, p.conversation_id) < ($3, $4)`
-			args = append(args, at, before)
-		}
-		rows, err := s.db.QueryContext(r.Context(),
-			query+` ORDER BY p.last_activity_at DESC, p.conversation_id DESC LIMIT $2`, args...)
+		list, err := listConversations(r.Context(), s.db, sessionFrom(r.Context()).userID, before)
 		if err != nil {
-			s.respondError(w, r, fmt.Errorf("list conversations: %w", err))
-			return
-		}
-		defer rows.Close()
-		list := []Conversation{}
-		for rows.Next() {
-			c, err := scanConversation(rows, me)
-			if err != nil {
-				s.respondError(w, r, fmt.Errorf("scan conversation: %w", err))
-				return
-			}
-			list = append(list, c)
-		}
-		if err := rows.Err(); err != nil {
-			s.respondError(w, r, fmt.Errorf("list conversations: %w", err))
-			return
+			return err
 		}
 		respond(w, http.StatusOK, list)
+		return nil
 	}
 }
 
+// listConversations returns a page of me's conversations, most recent activity
+// first, after conversation before in that order (0: the first page). A before
+// that is not one of me's conversations is a malformed cursor.
+func listConversations(ctx context.Context, db *sql.DB, me, before int64) ([]Conversation, error) {
+	query, args := conversationQuery, []any{me, conversationsPageSize}
+	if before > 0 {
+		var at time.Time
+		err := db.QueryRowContext(ctx, `
+			SELECT last_activity_at FROM participants WHERE user_id = $1 AND conversation_id = $2`,
+			me, before).Scan(&at)
+		if errors.Is(err, sql.ErrNoRows) {
+			return nil, malformed("before: no such conversation")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("conversation cursor: %w", err)
+		}
+		query += ` AND (p.last_activity_at, p.conversation_id) < ($3, $4)`
+		args = append(args, at, before)
+	}
+	rows, err := db.QueryContext(ctx, query+` ORDER BY p.last_activity_at DESC, p.conversation_id DESC LIMIT $2`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list conversations: %w", err)
+	}
+	defer rows.Close()
+	list := []Conversation{}
+	for rows.Next() {
+		c, err := scanConversation(rows, me)
+		if err != nil {
+			return nil, fmt.Errorf("scan conversation: %w", err)
+		}
+		list = append(list, c)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list conversations: %w", err)
+	}
+	return list, nil
+}
+
 // handleGetConversation serves GET /api/conversations/:id.
-func (s *server) handleGetConversation() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleGetConversation() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		c, err := conversationByID(r.Context(), s.db, sessionFrom(r.Context()).userID, id)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		respond(w, http.StatusOK, c)
+		return nil
 	}
 }
 
 // handleOtherParticipant serves GET /api/conversations/:id/other_participant.
-func (s *server) handleOtherParticipant() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleOtherParticipant() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		u, err := otherParticipant(r.Context(), s.db, sessionFrom(r.Context()).userID, id)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		respond(w, http.StatusOK, u)
+		return nil
 	}
 }

@@ -8,11 +8,16 @@ package main
 // Run them with: go test -race -run E2E ./...
 
 import (
+	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -58,6 +63,7 @@ var (
 // except under CI, where a missing browser is a failure.
 func chromiumPath(t *testing.T) string {
 	t.Helper()
+	skipInShortMode(t, "a browser test")
 	for _, p := range []string{"/usr/bin/chromium", "/usr/bin/chromium-browser"} {
 		if _, err := os.Stat(p); err == nil {
 			return p
@@ -964,4 +970,303 @@ func TestE2ESignOut(t *testing.T) {
 	b.waitUntil("the sign-in page says why", `location.pathname === '/login' && localStorage.getItem('messenger.auth') === null &&
 		document.getElementById('login-message').textContent === 'You signed out in another window.'`)
 	other.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil)
+}
+
+// faultProxy is a reverse proxy in front of a test server that can fail the
+// event stream the way a proxy does during a deploy: it answers 502 to the next
+// stream requests, and cuts the streams open through it. It can also make the
+// next stream answer as a server does to a position it cannot resume from: a
+// "reset" event with the current position, no replay, then live events.
+type faultProxy struct {
+	*httptest.Server
+
+	mu        sync.Mutex                 // guards the fields below
+	failing   int                        // stream requests still to answer with 502
+	resetting int                        // stream requests still to answer with a reset
+	refused   int                        // stream requests answered with 502
+	open      map[int]context.CancelFunc // streams open through the proxy
+	nextOpen  int
+	resumes   []string // position each stream request resumed from ("" for none), in order
+}
+
+// newFaultProxy starts a proxy to the test server ts; a browser that loads the
+// app through its URL gets its stream through it too.
+func newFaultProxy(t *testing.T, ts *testServer) *faultProxy {
+	t.Helper()
+	target, err := url.Parse(ts.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.FlushInterval = -1 // pass each event on at once
+	rp.ModifyResponse = func(resp *http.Response) error {
+		if resp.Request.Header.Get(resetHeader) == "" || resp.StatusCode != http.StatusOK {
+			return nil
+		}
+		// The server was asked for no position: its "ready" frame gives the
+		// current one. Make it the "reset" frame instead.
+		br := bufio.NewReader(resp.Body)
+		var head bytes.Buffer
+		for inReady := false; ; {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return err
+			}
+			switch {
+			case line == "event: ready\n":
+				inReady = true
+				line = "event: reset\n"
+			case inReady && strings.HasPrefix(line, "data: "):
+				line = `data: {"reason":"position too old (test proxy)"}` + "\n"
+			}
+			head.WriteString(line)
+			if inReady && line == "\n" {
+				break
+			}
+		}
+		resp.Body = struct {
+			io.Reader
+			io.Closer
+		}{io.MultiReader(&head, br), resp.Body}
+		return nil
+	}
+	fp := &faultProxy{open: map[int]context.CancelFunc{}}
+	fp.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/api/messages" {
+			rp.ServeHTTP(w, r)
+			return
+		}
+		resume := r.Header.Get("Last-Event-ID")
+		if resume == "" {
+			resume = r.URL.Query().Get("last_event_id")
+		}
+		ctx, cancel := context.WithCancel(r.Context())
+		defer cancel()
+		fp.mu.Lock()
+		fp.resumes = append(fp.resumes, resume)
+		refuse := fp.failing > 0
+		if refuse {
+			fp.failing--
+			fp.refused++
+		} else if fp.resetting > 0 {
+			fp.resetting--
+			r.Header.Del("Last-Event-ID")
+			q := r.URL.Query()
+			q.Del("last_event_id")
+			r.URL.RawQuery = q.Encode()
+			r.Header.Set(resetHeader, "1")
+		}
+		n := fp.nextOpen
+		fp.nextOpen++
+		if !refuse {
+			fp.open[n] = cancel
+		}
+		fp.mu.Unlock()
+		if refuse {
+			http.Error(w, "bad gateway", http.StatusBadGateway)
+			return
+		}
+		defer func() {
+			fp.mu.Lock()
+			delete(fp.open, n)
+			fp.mu.Unlock()
+		}()
+		// A cut stream ends the upstream request; the proxy then drops the
+		// browser's connection mid-response (http.ErrAbortHandler).
+		rp.ServeHTTP(w, r.WithContext(ctx))
+	}))
+	t.Cleanup(func() {
+		fp.cut()
+		fp.CloseClientConnections()
+		fp.Close()
+	})
+	return fp
+}
+
+// resetHeader marks a stream request whose answer the proxy turns into a reset.
+const resetHeader = "X-Test-Reset"
+
+// resetNext makes the next n stream requests that are not refused get a reset.
+func (fp *faultProxy) resetNext(n int) {
+	fp.mu.Lock()
+	defer fp.mu.Unlock()
+	fp.resetting = n
+}
+
+// failNext makes the proxy answer 502 to the next n stream requests.
+func (fp *faultProxy) failNext(n int) {
+	fp.mu.Lock()
+	defer fp.mu.Unlock()
+	fp.failing = n
+}
+
+// cut drops every stream open through the proxy.
+func (fp *faultProxy) cut() {
+	fp.mu.Lock()
+	defer fp.mu.Unlock()
+	for _, cancel := range fp.open {
+		cancel()
+	}
+}
+
+// refusedCount is how many stream requests were answered with 502.
+func (fp *faultProxy) refusedCount() int {
+	fp.mu.Lock()
+	defer fp.mu.Unlock()
+	return fp.refused
+}
+
+// openStreams is how many streams are open through the proxy.
+func (fp *faultProxy) openStreams() int {
+	fp.mu.Lock()
+	defer fp.mu.Unlock()
+	return len(fp.open)
+}
+
+// streamRequests returns the position each stream request resumed from.
+func (fp *faultProxy) streamRequests() []string {
+	fp.mu.Lock()
+	defer fp.mu.Unlock()
+	return slices.Clone(fp.resumes)
+}
+
+// outage cuts the streams and refuses new ones with 502 while during runs,
+// until at least refusals more were refused (so that EventSource has closed and
+// the client's own reconnect failed too); then the proxy heals.
+func (fp *faultProxy) outage(t *testing.T, refusals int, during func()) {
+	t.Helper()
+	before := fp.refusedCount()
+	fp.failNext(1 << 30)
+	fp.cut()
+	during()
+	waitFor(t, e2eWait, fmt.Sprintf("%d stream requests refused", refusals), func() bool {
+		return fp.refusedCount() >= before+refusals && fp.openStreams() == 0
+	})
+	fp.failNext(0)
+}
+
+// TestE2ENothingLostAcrossReconnects: the stream fails behind a proxy (cut, then
+// 502 to the browser's retry and to the client's own reconnects) while messages
+// are sent; once it heals, every message is on the page, once, in order, without
+// a reload: on an open conversation that had received no event since it loaded,
+// on the conversation list, on pages whose stream never opened at all, and after
+// the server answers "reset" instead of replaying.
+func TestE2ENothingLostAcrossReconnects(t *testing.T) {
+	ts := newTestServer(t)
+	proxy := newFaultProxy(t, ts)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := alice.startConversation(bob)
+	alice.send(conv.ID, "Before the page loaded")
+
+	b := newBrowser(t, ts, "bob", desktop)
+	b.base = proxy.URL
+	b.signIn(bob.User.Username)
+	b.openConversation(conv.ID)
+	b.do("mark the page, to tell a reload", chromedp.Evaluate[chromedp.Void](`window.sameDocument = true`))
+	b.waitUntil("the stream is open", `document.getElementById('reconnecting').hidden`)
+	waitFor(t, e2eWait, "the stream open through the proxy", func() bool { return proxy.openStreams() == 1 })
+
+	sendAll := func(from *client, convID string, contents ...string) {
+		for _, c := range contents {
+			from.send(convID, c)
+		}
+	}
+	shownOnce := func(what string, contents ...string) {
+		t.Helper()
+		for _, c := range contents {
+			b.waitUntil(what+": "+c, messageShownOnce(c))
+		}
+	}
+	all := []string{"Before the page loaded"}
+
+	// 1. The open conversation, no event received since it loaded.
+	gap1 := []string{"Sent during the outage 1", "Sent during the outage 2", "Sent during the outage 3"}
+	proxy.outage(t, 2, func() {
+		b.do("the page says it is reconnecting", chromedp.WaitVisible(chromedp.CSS("#reconnecting")))
+		sendAll(alice, conv.ID, gap1...)
+	})
+	shownOnce("missed message", gap1...)
+	all = append(all, gap1...)
+	alice.send(conv.ID, "Live after the outage")
+	all = append(all, "Live after the outage")
+	shownOnce("live message", "Live after the outage")
+	b.do("the reconnecting notice goes away", chromedp.WaitNotVisible(chromedp.CSS("#reconnecting")))
+
+	// 2. The conversation list: a known conversation and a new one get messages.
+	b.do("go back to the list", chromedp.Click(chromedp.CSS(".back-link")), chromedp.WaitVisible(chromedp.CSS("#new-conversation-form")))
+	b.waitUntil("the list has loaded", fmt.Sprintf(`document.querySelector('.conversation-item[data-id="%s"] .preview')?.textContent === 'Live after the outage'`, conv.ID))
+	carol := ts.newUser(t, "carol")
+	var carolConv apiConversation
+	proxy.outage(t, 2, func() {
+		sendAll(alice, conv.ID, "Sent while bob is on the list")
+		carolConv = carol.startConversation(bob)
+		sendAll(carol, carolConv.ID, "Carol writes during the outage")
+	})
+	all = append(all, "Sent while bob is on the list")
+	listShows := func(carolsLast, alicesLast string) {
+		t.Helper()
+		b.waitUntil("both conversations show their last message, once each", fmt.Sprintf(`(() => {
+			const items = [...document.querySelectorAll('.conversation-item')];
+			const preview = (id) => items.filter(i => i.dataset.id === id).map(i => i.querySelector('.preview').textContent).join('|');
+			return items.length === 2 && preview(%s) === %s && preview(%s) === %s;
+		})()`, jsString(carolConv.ID), jsString(carolsLast), jsString(conv.ID), jsString(alicesLast)))
+	}
+	listShows("Carol writes during the outage", "Sent while bob is on the list")
+	if !eval[bool](b, `window.sameDocument === true`) {
+		t.Fatal("bob's page was reloaded, want the messages to arrive without a reload")
+	}
+	// Every stream request after the first resumed from where the page stood.
+	if reqs := proxy.streamRequests(); len(reqs) < 5 || reqs[0] != "" || slices.Contains(reqs[1:], "") {
+		t.Errorf("stream requests resumed from %q, want the first from nowhere and every later one from a position", reqs)
+	}
+
+	// 3. Pages whose stream never opened: what it loads, and what comes while
+	// the stream is refused, shows once it opens.
+	proxy.failNext(1 << 30)
+	b.do("load the conversation afresh", chromedp.Navigate(proxy.URL+"/conversations/"+conv.ID))
+	b.waitUntil("the history has loaded", messageShownOnce("Sent while bob is on the list"))
+	gap3 := []string{"Sent before the stream ever opened 1", "Sent before the stream ever opened 2"}
+	proxy.outage(t, 2, func() { sendAll(alice, conv.ID, gap3...) })
+	shownOnce("message sent before the stream opened", gap3...)
+	all = append(all, gap3...)
+	checkShown := func() {
+		t.Helper()
+		shown := b.messages()
+		checkEachOnce(t, shown, all...)
+		if len(shown) != len(all) {
+			t.Errorf("%d messages shown, want %d: %+v", len(shown), len(all), shown)
+		}
+		if !slices.IsSortedFunc(shown, func(a, b shownMessage) int {
+			return cmp.Or(cmp.Compare(len(a.ID), len(b.ID)), cmp.Compare(a.ID, b.ID)) // decimal ids
+		}) {
+			t.Errorf("messages shown out of order of id: %+v", shown)
+		}
+	}
+	checkShown()
+	b.screenshot("e2e-nothing-lost")
+
+	proxy.failNext(1 << 30)
+	b.do("load the list afresh", chromedp.Navigate(proxy.URL+"/"))
+	b.waitUntil("the list has loaded", `document.querySelectorAll('.conversation-item').length === 2`)
+	proxy.outage(t, 2, func() {
+		sendAll(alice, conv.ID, "To the list before its stream opened")
+		sendAll(carol, carolConv.ID, "Carol again, before the stream opened")
+	})
+	listShows("Carol again, before the stream opened", "To the list before its stream opened")
+	all = append(all, "To the list before its stream opened")
+
+	// 4. The server cannot resume from the page's position and answers "reset":
+	// the page fetches the conversation again, then goes on live.
+	b.openConversation(conv.ID)
+	b.waitUntil("the history has loaded", messageShownOnce("To the list before its stream opened"))
+	gap4 := []string{"Sent before a reset 1", "Sent before a reset 2"}
+	proxy.resetNext(1)
+	proxy.outage(t, 2, func() { sendAll(alice, conv.ID, gap4...) })
+	shownOnce("message sent before the reset", gap4...)
+	alice.send(conv.ID, "Live after the reset")
+	shownOnce("live message after the reset", "Live after the reset")
+	all = append(all, gap4...)
+	all = append(all, "Live after the reset")
+	checkShown()
+	b.screenshot("e2e-nothing-lost-reset")
 }

@@ -305,7 +305,10 @@ func (s *sender) len() int {
 // TestFaultsPostgresRestart restarts PostgreSQL under a running server: requests
 // during the outage fail fast with 503, nothing acknowledged is lost or delivered
 // twice, and the server recovers by itself; on either bus.
-func TestFaultsPostgresRestart(t *testing.T) { forEachBus(t, testFaultsPostgresRestart) }
+func TestFaultsPostgresRestart(t *testing.T) {
+	skipInShortMode(t, "a fault test")
+	forEachBus(t, testFaultsPostgresRestart)
+}
 
 func testFaultsPostgresRestart(t *testing.T, bus testBus) {
 	pg := newPGCluster(t)
@@ -431,7 +434,10 @@ func testFaultsPostgresRestart(t *testing.T, bus testBus) {
 // TestFaultsSIGTERM stops the real binary with SIGTERM while messages flow: it
 // exits 0 promptly, its streams end cleanly, and every acknowledged message was
 // delivered before the end or is replayed by a fresh instance; on either bus.
-func TestFaultsSIGTERM(t *testing.T) { forEachBus(t, testFaultsSIGTERM) }
+func TestFaultsSIGTERM(t *testing.T) {
+	skipInShortMode(t, "a fault test")
+	forEachBus(t, testFaultsSIGTERM)
+}
 
 func testFaultsSIGTERM(t *testing.T, bus testBus) {
 	goTool, err := exec.LookPath("go")

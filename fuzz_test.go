@@ -26,18 +26,21 @@ import (
 // isValidationError reports whether err is a 422 naming field.
 func isValidationError(err error, field string) bool {
 	var ae *apiError
-	return errors.As(err, &ae) && ae.status == http.StatusUnprocessableEntity && ae.fields[field] != ""
+	return errors.As(err, &ae) && ae.kind == kindInvalid && ae.field == field
 }
 
 // referenceNormalize is the API's rule for message content, written as plainly as
 // possible: split into lines at CR, LF or CRLF; a line with a control character
-// (other than white space) is refused; each line's words are joined by one space;
-// blank lines are dropped; what remains must be 1 to 480 runes.
+// (other than white space) is refused; each line's words, separated by Unicode
+// White_Space or U+FEFF, are joined by one space; blank lines are dropped; what
+// remains must be 1 to 480 runes.
 func referenceNormalize(s string) (string, bool) {
 	if !utf8.ValidString(s) {
 		return "", false
 	}
-	isSpace := func(r rune) bool { return r != '\n' && r != '\r' && unicode.IsSpace(r) }
+	isSpace := func(r rune) bool {
+		return r != '\n' && r != '\r' && (unicode.Is(unicode.White_Space, r) || r == '\uFEFF')
+	}
 	var lines []string
 	for _, line := range strings.FieldsFunc(s, func(r rune) bool { return r == '\n' || r == '\r' }) {
 		for _, r := range line {
@@ -58,6 +61,8 @@ func FuzzNormalizeContent(f *testing.F) {
 	f.Add("  many   spaces\t\tand tabs  ")
 	f.Add("a\r\nb\rc\n\n\n d \n")
 	f.Add("\u00a0\u3000nbsp\u2028line\u2029para\u0085nel")
+	f.Add("\ufeffbom\ufeff inside\ufeff")
+	f.Add(strings.Repeat("x\n\n", 3000))
 	f.Add("bell\x07")
 	f.Add(strings.Repeat("é", 480) + "  \n ")
 	f.Fuzz(func(t *testing.T, s string) {
@@ -84,12 +89,12 @@ func FuzzNormalizeContent(f *testing.F) {
 		for i, line := range strings.Split(out, "\n") {
 			first, _ := utf8.DecodeRuneInString(line)
 			last, _ := utf8.DecodeLastRuneInString(line)
-			if line == "" || unicode.IsSpace(first) || unicode.IsSpace(last) {
+			if line == "" || isContentSpace(first) || isContentSpace(last) {
 				t.Fatalf("normalizeContent(%q) = %q: line %d %q is blank or not trimmed", s, out, i, line)
 			}
 			prevSpace := false
 			for _, r := range line {
-				if unicode.IsSpace(r) && r != ' ' || unicode.IsControl(r) || r == ' ' && prevSpace {
+				if isContentSpace(r) && r != ' ' || unicode.IsControl(r) || r == ' ' && prevSpace {
 					t.Fatalf("normalizeContent(%q) = %q: line %d has %q where one space or a character belongs", s, out, i, r)
 				}
 				prevSpace = r == ' '
@@ -147,7 +152,7 @@ func FuzzParseID(f *testing.F) {
 			t.Fatalf("parseCursor(empty) = %d, %v; want 0, nil", cursor, err)
 		case s != "" && canonical && (err != nil || cursor != n):
 			t.Fatalf("parseCursor(%q) = %d, %v; want %d", s, cursor, err, n)
-		case s != "" && !canonical && !(errors.As(err, &ae) && ae.status == http.StatusBadRequest):
+		case s != "" && !canonical && !(errors.As(err, &ae) && ae.kind == kindMalformed):
 			t.Fatalf("parseCursor(%q) = %d, %v; want a 400", s, cursor, err)
 		}
 	})

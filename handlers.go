@@ -37,11 +37,11 @@ func (s *server) routes() http.Handler {
 
 // addRoutes lists every route of the server.
 func (s *server) addRoutes(r *way.Router) {
-	handle := func(method, pattern string, h http.HandlerFunc) {
-		r.Handle(method, pattern, s.instrument(pattern, withTimeout(requestTimeout, h)))
+	handle := func(method, pattern string, h apiHandler) {
+		r.Handle(method, pattern, s.instrument(pattern, withTimeout(requestTimeout, s.api(h))))
 	}
-	authed := func(method, pattern string, h http.HandlerFunc) {
-		handle(method, pattern, s.authenticate(h, false))
+	authed := func(method, pattern string, h apiHandler) {
+		r.Handle(method, pattern, s.instrument(pattern, withTimeout(requestTimeout, s.authenticate(s.api(h), false))))
 	}
 
 	handle("POST", "/api/login", s.handleLogin())
@@ -72,7 +72,7 @@ func (s *server) addRoutes(r *way.Router) {
 		r.Handle("GET", "/metrics", s.metrics.handler())
 	} else {
 		// Served on METRICS_ADDR only (see serveMetrics).
-		handle("GET", "/metrics", func(w http.ResponseWriter, r *http.Request) { s.respondError(w, r, errNotFound) })
+		handle("GET", "/metrics", func(http.ResponseWriter, *http.Request) error { return errNotFound })
 	}
 }
 
@@ -102,48 +102,32 @@ func (s *server) handleNotFound(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
-		s.respondError(w, r, &apiError{status: http.StatusMethodNotAllowed, msg: "method not allowed"})
+		s.respondError(w, r, &apiError{kind: kindMethodNotAllowed, msg: "method not allowed"})
 		return
 	}
 	serveWeb(w, r)
 }
 
 // handleHealthz serves GET /healthz: the process is up.
-func (s *server) handleHealthz() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleHealthz() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		respond(w, http.StatusOK, map[string]string{"status": "ok"})
+		return nil
 	}
 }
 
 // handleReadyz serves GET /readyz: the database answers.
-func (s *server) handleReadyz() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleReadyz() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
 		if err := s.db.PingContext(ctx); err != nil {
 			respond(w, http.StatusServiceUnavailable, map[string]string{"status": "database unavailable"})
-			return
+			return nil
 		}
 		respond(w, http.StatusOK, map[string]string{"status": "ok"})
+		return nil
 	}
-}
-
-// errNotFound is returned for anything the caller cannot see: a missing row, or one
-// that belongs to somebody else.
-var errNotFound = &apiError{status: http.StatusNotFound, msg: "not found"}
-
-// apiError is an error with the status and message the client sees.
-type apiError struct {
-	status     int
-	msg        string
-	fields     map[string]string // validation errors by field, for 422
-	retryAfter time.Duration     // for 429 and 503
-}
-
-func (e *apiError) Error() string { return e.msg }
-
-func validationError(field, msg string) *apiError {
-	return &apiError{status: http.StatusUnprocessableEntity, msg: msg, fields: map[string]string{field: msg}}
 }
 
 // respond writes v as JSON with the status code.
@@ -157,38 +141,6 @@ func respond(w http.ResponseWriter, status int, v any) {
 	w.WriteHeader(status)
 	w.Write(b)
 	w.Write([]byte("\n"))
-}
-
-// respondError maps err to its status code, in this one place, and writes it as
-// JSON. Errors that are not the client's fault are logged and answered with a
-// generic message; their text never reaches the client.
-func (s *server) respondError(w http.ResponseWriter, r *http.Request, err error) {
-	var ae *apiError
-	switch {
-	case errors.As(err, &ae):
-	case isUnavailable(err):
-		s.logger.Error("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
-		ae = &apiError{status: http.StatusServiceUnavailable, msg: "service unavailable, try again shortly", retryAfter: time.Second}
-	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
-		return // the client is gone
-	default:
-		s.logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
-		ae = &apiError{status: http.StatusInternalServerError, msg: "internal server error"}
-	}
-	if ae.status == http.StatusUnauthorized {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="messenger"`)
-	}
-	if ae.retryAfter > 0 {
-		w.Header().Set("Retry-After", strconv.Itoa(int((ae.retryAfter+time.Second-1)/time.Second)))
-	}
-	// message repeats error for the original front end of the article series, which
-	// reads it (docs/api.md, "Differences from the original front end").
-	body := struct {
-		Error   string            `json:"error"`
-		Message string            `json:"message"`
-		Errors  map[string]string `json:"errors,omitempty"`
-	}{ae.msg, ae.msg, ae.fields}
-	respond(w, ae.status, body)
 }
 
 // isUnavailable reports whether err means the database cannot be reached right now,
@@ -211,35 +163,35 @@ func isUnavailable(err error) bool {
 func decodeJSON(w http.ResponseWriter, r *http.Request, dst any) error {
 	mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if err != nil || (mt != "application/json" && !strings.HasSuffix(mt, "+json")) {
-		return &apiError{status: http.StatusUnsupportedMediaType, msg: "request body must be JSON (Content-Type: application/json)"}
+		return &apiError{kind: kindUnsupportedMedia, msg: "request body must be JSON (Content-Type: application/json)"}
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			return &apiError{status: http.StatusRequestEntityTooLarge, msg: fmt.Sprintf("request body too large: %d bytes max", maxBodyBytes)}
+			return &apiError{kind: kindTooLarge, msg: fmt.Sprintf("request body too large: %d bytes max", maxBodyBytes)}
 		}
-		return &apiError{status: http.StatusBadRequest, msg: "could not read request body"}
+		return malformed("could not read request body")
 	}
 	if !utf8.Valid(body) {
-		return &apiError{status: http.StatusUnprocessableEntity, msg: "request body is not valid UTF-8"}
+		return &apiError{kind: kindInvalid, msg: "request body is not valid UTF-8"}
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
 	if err := dec.Decode(dst); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		switch {
 		case errors.As(err, &typeErr) && typeErr.Field != "":
-			return &apiError{status: http.StatusBadRequest, msg: fmt.Sprintf("field %q must be a %s", typeErr.Field, typeErr.Type.Kind())}
+			return malformed(fmt.Sprintf("field %q must be a %s", typeErr.Field, typeErr.Type.Kind()))
 		case errors.As(err, &typeErr):
-			return &apiError{status: http.StatusBadRequest, msg: "request body must be a JSON object"}
+			return malformed("request body must be a JSON object")
 		case errors.Is(err, io.EOF):
-			return &apiError{status: http.StatusBadRequest, msg: "request body is empty"}
+			return malformed("request body is empty")
 		default:
-			return &apiError{status: http.StatusBadRequest, msg: "malformed JSON"}
+			return malformed("malformed JSON")
 		}
 	}
 	if dec.More() {
-		return &apiError{status: http.StatusBadRequest, msg: "malformed JSON: more than one value"}
+		return malformed("malformed JSON: more than one value")
 	}
 	return nil
 }
@@ -267,7 +219,7 @@ func parseCursor(r *http.Request) (int64, error) {
 	}
 	id, err := parseID(s)
 	if err != nil {
-		return 0, &apiError{status: http.StatusBadRequest, msg: "before must be an id"}
+		return 0, malformed("before must be an id")
 	}
 	return id, nil
 }
@@ -371,7 +323,7 @@ func (s *server) cors(h http.Handler) http.Handler {
 		w.Header().Add("Vary", "Origin")
 		if origin != allowed {
 			if r.Method == http.MethodOptions {
-				s.respondError(w, r, &apiError{status: http.StatusForbidden, msg: "origin not allowed"})
+				s.respondError(w, r, forbidden("origin not allowed"))
 				return
 			}
 			h.ServeHTTP(w, r)

@@ -195,6 +195,7 @@ func flipBase64Char(s string, i int) string {
 // TestHardeningBadRequests sends every endpoint requests it must refuse, and checks
 // each answer's status, that it is a JSON error, and that the database is unchanged.
 func TestHardeningBadRequests(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "DATABASE_URL="+privateDatabase(t))
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	carol, dave := ts.newUser(t, "carol"), ts.newUser(t, "dave")
@@ -494,6 +495,7 @@ func TestHardeningBadRequests(t *testing.T) {
 // TestHardeningIdempotency checks that a retried send returns the first message
 // without writing anything, and that concurrent retries create one message.
 func TestHardeningIdempotency(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "DATABASE_URL="+privateDatabase(t))
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
@@ -570,6 +572,7 @@ func TestHardeningIdempotency(t *testing.T) {
 // TestHardeningTokenExpiry checks that an expired token is refused and that a
 // stream ends when its token expires.
 func TestHardeningTokenExpiry(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "TOKEN_TTL=2s")
 	c := ts.newUser(t, "short")
 	s := c.stream("")
@@ -591,6 +594,7 @@ func TestHardeningTokenExpiry(t *testing.T) {
 
 // TestHardeningTokensNotLogged checks that ?token= values never reach the log.
 func TestHardeningTokensNotLogged(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	c := ts.newUser(t, "logged")
 	bogus := "bogus" + randomHex(16)
@@ -620,6 +624,7 @@ func TestHardeningTokensNotLogged(t *testing.T) {
 
 // TestHardeningCORSAndHeaders checks CORS preflights and the security headers.
 func TestHardeningCORSAndHeaders(t *testing.T) {
+	t.Parallel()
 	const origin = "https://chat.example.test:8443"
 	ts := newTestServer(t, "ORIGIN="+origin+"/")
 	c := ts.newUser(t, "cors")
@@ -669,6 +674,7 @@ func TestHardeningCORSAndHeaders(t *testing.T) {
 // TestHardeningRequiresTokenKey checks that the server refuses to start without
 // TOKEN_KEY unless development sign-in is on.
 func TestHardeningRequiresTokenKey(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct {
 		name string
 		env  map[string]string
@@ -707,6 +713,7 @@ func TestHardeningRequiresTokenKey(t *testing.T) {
 // gets 429 with Retry-After and changes nothing, and after Retry-After seconds
 // requests pass again.
 func TestHardeningRateLimits(t *testing.T) {
+	t.Parallel()
 	// burst makes requests (do(i)) until one is refused, checks that refusal and
 	// that it changed nothing, and returns its Retry-After. With 2/s and a burst of
 	// 3, the 4th request is refused when the first four take under half a second;
@@ -793,6 +800,7 @@ func TestHardeningRateLimits(t *testing.T) {
 // TestHardeningHealthAndMetrics checks the health checks and the metrics an
 // operator watches.
 func TestHardeningHealthAndMetrics(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	for _, path := range []string{"/healthz", "/readyz"} {
 		if res := mustRaw(t, "GET", ts.URL+path, nil, nil); res.status != http.StatusOK {

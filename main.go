@@ -64,6 +64,12 @@ type config struct {
 	streamBuffer int           // events a stream may fall behind before it is dropped
 	syncInterval time.Duration // how often streams are checked against the event log
 
+	streamsPerUser int           // open streams one user may hold on this instance
+	streamsMax     int           // open streams on this instance, all users together
+	replayMax      int           // most events a resuming stream replays; beyond: reset
+	eventRetention time.Duration // age past which events leave the log
+	pruneInterval  time.Duration // how often the log is pruned
+
 	dbMaxConns int
 
 	rateSends         rateSpec
@@ -144,6 +150,21 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.dbMaxConns, err = parseInt(getenv, "DB_MAX_CONNS", 20); err != nil {
+		return cfg, err
+	}
+	if cfg.streamsPerUser, err = parseInt(getenv, "STREAMS_PER_USER", defaultStreamsPerUser); err != nil {
+		return cfg, err
+	}
+	if cfg.streamsMax, err = parseInt(getenv, "STREAMS_MAX", defaultStreamsMax(cfg.dbMaxConns)); err != nil {
+		return cfg, err
+	}
+	if cfg.replayMax, err = parseInt(getenv, "REPLAY_MAX", 1000); err != nil {
+		return cfg, err
+	}
+	if cfg.eventRetention, err = parseDuration(getenv, "EVENT_RETENTION", 7*24*time.Hour); err != nil {
+		return cfg, err
+	}
+	if cfg.pruneInterval, err = parseDuration(getenv, "EVENT_PRUNE_INTERVAL", 5*time.Minute); err != nil {
 		return cfg, err
 	}
 	if cfg.rateSends, err = parseRate(getenv, "RATE_LIMIT_SENDS", "20/s,60"); err != nil {
@@ -305,7 +326,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	}
 	s.notifier = newNotifier(db, s.bus, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
-	s.hub = newHub(db, cfg.streamBuffer, m, logger)
+	s.hub = newHub(db, cfg, m, logger)
 	s.hub.bus = s.bus
 	s.listener = pq.NewListener(cfg.listenURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
@@ -336,6 +357,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	}
 	wg.Go(func() { s.cleanUp(bg) })
 	wg.Go(func() { sessions.run(bg) })
+	wg.Go(func() { every(bg, cfg.pruneInterval, nil, func() { s.pruneEvents(bg) }) })
 	go func() {
 		wg.Wait()
 		close(s.done)
@@ -499,12 +521,4 @@ func developmentTokenKey(ctx context.Context, db *sql.DB) ([]byte, error) {
 		return nil, fmt.Errorf("development token key: %w", err)
 	}
 	return []byte(key), nil
-}
-
-// newLogger returns a structured logger writing text or JSON to w.
-func newLogger(format string, w io.Writer) *slog.Logger {
-	if format == "json" {
-		return slog.New(slog.NewJSONHandler(w, nil))
-	}
-	return slog.New(slog.NewTextHandler(w, nil))
 }

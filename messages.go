@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/lib/pq"
 	"net/http"
 	"strconv"
 	"strings"
@@ -14,6 +13,8 @@ import (
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/lib/pq"
 )
 
 // Message is one message of a conversation; Mine is from the reader's point of view.
@@ -48,54 +49,58 @@ const (
 	maxIdempotencyKey = 255
 )
 
-// normalizeContent trims content, turns CRLF and CR into LF, collapses each run of
-// spaces and tabs into one space, and drops blank lines. It returns a 422 apiError
-// for control characters (other than newlines and tabs), for nothing left, and for
-// more than 480 runes. The web client (web/conversation.js, normalize) mirrors these
-// rules to match a send whose answer was lost with its copy from the stream.
+// normalizeContent trims content, ends lines at LF, CR or CRLF, collapses each run of
+// white space within a line into one space, and drops blank lines. White space is
+// Unicode's White_Space (Go's unicode.IsSpace: tab, VT, FF, space, NEL, NBSP, the
+// Zs spaces, U+2028, U+2029) plus U+FEFF (the byte order mark, which JavaScript
+// also counts as white space). It returns a 422 apiError for invalid UTF-8, for
+// other control characters, for nothing left, and for more than 480 runes. It
+// reads its input once, in time linear in its length. The web client
+// (web/normalize.js) follows the same rule, checked against one table of cases
+// (testdata/normalize_cases.json), to match a send whose answer was lost with its
+// copy from the stream.
 func normalizeContent(content string) (string, error) {
 	if !utf8.ValidString(content) {
-		return "", validationError("content", "Content must be valid UTF-8")
+		return "", invalid("content", "Content must be valid UTF-8")
 	}
-	content = strings.ReplaceAll(content, "\r\n", "\n")
-	content = strings.ReplaceAll(content, "\r", "\n")
 	var b strings.Builder
 	b.Grow(len(content))
-	for line := range strings.SplitSeq(content, "\n") {
-		start := b.Len()
-		if start > 0 {
-			b.WriteByte('\n')
-		}
-		wrote, space := false, false
-		for _, c := range line {
-			switch {
-			case c == ' ' || c == '\t' || (unicode.IsSpace(c) && c != '\n'):
-				space = wrote
-			case unicode.IsControl(c):
-				return "", validationError("content", "Content must not contain control characters")
-			default:
-				if space {
-					b.WriteByte(' ')
-					space = false
-				}
-				b.WriteRune(c)
-				wrote = true
+	// A newline or a space is written only before the next character that is
+	// neither, so a blank line or trailing white space never reaches b. CR, LF
+	// and CRLF each end a line; since blank lines are dropped, CRLF needs no case
+	// of its own.
+	newline, space := false, false
+	for _, c := range content {
+		switch {
+		case c == '\n' || c == '\r':
+			newline, space = b.Len() > 0, false
+		case isContentSpace(c):
+			space = b.Len() > 0
+		case unicode.IsControl(c):
+			return "", invalid("content", "Content must not contain control characters")
+		default:
+			if newline {
+				b.WriteByte('\n')
+			} else if space {
+				b.WriteByte(' ')
 			}
-		}
-		if !wrote { // a blank line: take back its newline
-			s := b.String()[:start]
-			b.Reset()
-			b.WriteString(s)
+			newline, space = false, false
+			b.WriteRune(c)
 		}
 	}
 	out := b.String()
 	if out == "" {
-		return "", validationError("content", "Content required")
+		return "", invalid("content", "Content required")
 	}
 	if utf8.RuneCountInString(out) > maxContentRunes {
-		return "", validationError("content", fmt.Sprintf("Message too long. %d max", maxContentRunes))
+		return "", invalid("content", fmt.Sprintf("Message too long. %d max", maxContentRunes))
 	}
 	return out, nil
+}
+
+// isContentSpace reports whether c is white space within a line of a message.
+func isContentSpace(c rune) bool {
+	return unicode.IsSpace(c) || c == '\uFEFF'
 }
 
 // validIdempotencyKey reports whether key is 1 to 255 printable ASCII characters.
@@ -320,108 +325,111 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 }
 
 // handleCreateMessage serves POST /api/conversations/:id/messages. A retry with the
-// Idempotency-Key of an earlier send returns that message with 200.
-func (s *server) handleCreateMessage() http.HandlerFunc {
+// Idempotency-Key of an earlier send returns that message with 200. The rate limit
+// comes first, before the body is read: every send attempt takes a token, whatever
+// it is answered, so that a flood of sends, valid or not, costs the server least.
+func (s *server) handleCreateMessage() apiHandler {
 	type request struct {
 		Content string `json:"content"`
 	}
-	return func(w http.ResponseWriter, r *http.Request) {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		me := sessionFrom(r.Context()).userID
+		if err := s.limits.sends.allow(me); err != nil {
+			return err
+		}
 		id, err := pathID(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		var req request
 		if err := decodeJSON(w, r, &req); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		content, err := normalizeContent(req.Content)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		key := r.Header.Get("Idempotency-Key")
 		if _, present := r.Header["Idempotency-Key"]; present && !validIdempotencyKey(key) {
-			s.respondError(w, r, validationError("Idempotency-Key", "Idempotency-Key must be 1 to 255 printable ASCII characters"))
-			return
-		}
-		if err := s.limits.sends.allow(me); err != nil {
-			s.respondError(w, r, err)
-			return
+			return invalid("Idempotency-Key", "Idempotency-Key must be 1 to 255 printable ASCII characters")
 		}
 		m, outcome, err := s.sends.send(r.Context(), id, me, content, key)
 		switch {
 		case err != nil:
-			s.respondError(w, r, err)
+			return err
 		case outcome == sendNotFound:
-			s.respondError(w, r, errNotFound)
+			return errNotFound
 		case outcome == sendKeyConflict:
-			s.respondError(w, r, validationError("Idempotency-Key", "Idempotency-Key was already used for a different message"))
+			return invalid("Idempotency-Key", "Idempotency-Key was already used for a different message")
 		case outcome == sendReplayed:
 			respond(w, http.StatusOK, m)
 		default:
 			respond(w, http.StatusCreated, m)
 		}
+		return nil
 	}
 }
 
 // handleListMessages serves GET /api/conversations/:id/messages?before=: newest
 // first, a page at a time; before is the id of the oldest message already shown.
 // Listing does not mark anything read.
-func (s *server) handleListMessages() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		me := sessionFrom(r.Context()).userID
+func (s *server) handleListMessages() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		before, err := parseCursor(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
-		if err := s.checkParticipant(r.Context(), me, id); err != nil {
-			s.respondError(w, r, err)
-			return
-		}
-		query := `SELECT id, content, user_id, created_at FROM messages WHERE conversation_id = $1`
-		args := []any{id, messagesPageSize}
-		if before > 0 {
-			query += ` AND id < $3`
-			args = append(args, before)
-		}
-		rows, err := s.db.QueryContext(r.Context(), query+` ORDER BY id DESC LIMIT $2`, args...)
+		list, err := listMessages(r.Context(), s.db, sessionFrom(r.Context()).userID, id, before)
 		if err != nil {
-			s.respondError(w, r, fmt.Errorf("list messages: %w", err))
-			return
-		}
-		defer rows.Close()
-		list := []Message{}
-		for rows.Next() {
-			m := Message{ConversationID: id}
-			var sender int64
-			if err := rows.Scan(&m.ID, &m.Content, &sender, &m.CreatedAt); err != nil {
-				s.respondError(w, r, fmt.Errorf("scan message: %w", err))
-				return
-			}
-			m.Mine = sender == me
-			list = append(list, m)
-		}
-		if err := rows.Err(); err != nil {
-			s.respondError(w, r, fmt.Errorf("list messages: %w", err))
-			return
+			return err
 		}
 		respond(w, http.StatusOK, list)
+		return nil
 	}
 }
 
+// listMessages returns a page of conversation's messages as me sees them, newest
+// first, older than before (0: the newest). It returns errNotFound unless me is in
+// the conversation.
+func listMessages(ctx context.Context, db *sql.DB, me, conversation, before int64) ([]Message, error) {
+	if err := checkParticipant(ctx, db, me, conversation); err != nil {
+		return nil, err
+	}
+	query := `SELECT id, content, user_id, created_at FROM messages WHERE conversation_id = $1`
+	args := []any{conversation, messagesPageSize}
+	if before > 0 {
+		query += ` AND id < $3`
+		args = append(args, before)
+	}
+	rows, err := db.QueryContext(ctx, query+` ORDER BY id DESC LIMIT $2`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("list messages: %w", err)
+	}
+	defer rows.Close()
+	list := []Message{}
+	for rows.Next() {
+		m := Message{ConversationID: conversation}
+		var sender int64
+		if err := rows.Scan(&m.ID, &m.Content, &sender, &m.CreatedAt); err != nil {
+			return nil, fmt.Errorf("scan message: %w", err)
+		}
+		m.Mine = sender == me
+		list = append(list, m)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list messages: %w", err)
+	}
+	return list, nil
+}
+
 // checkParticipant returns errNotFound unless user is in conversation.
-func (s *server) checkParticipant(ctx context.Context, user, conversation int64) error {
+func checkParticipant(ctx context.Context, db *sql.DB, user, conversation int64) error {
 	var one int
-	err := s.db.QueryRowContext(ctx, `SELECT 1 FROM participants WHERE user_id = $1 AND conversation_id = $2`,
+	err := db.QueryRowContext(ctx, `SELECT 1 FROM participants WHERE user_id = $1 AND conversation_id = $2`,
 		user, conversation).Scan(&one)
 	if errors.Is(err, sql.ErrNoRows) {
 		return errNotFound
@@ -434,51 +442,60 @@ func (s *server) checkParticipant(ctx context.Context, user, conversation int64)
 
 // handleReadMessages serves POST /api/conversations/:id/read_messages: everything up
 // to now is read, and the other participant's streams get a read event.
-func (s *server) handleReadMessages() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleReadMessages() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		id, err := pathID(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
-		var outcome string
-		var other, seq sql.NullInt64
-		var data []byte
-		err = s.db.QueryRowContext(r.Context(), `SELECT outcome, other_id, seq, data FROM read_messages($1, $2)`,
-			id, sessionFrom(r.Context()).userID).Scan(&outcome, &other, &seq, &data)
+		note, err := readMessages(r.Context(), s.db, sessionFrom(r.Context()).userID, id)
 		if err != nil {
-			s.respondError(w, r, fmt.Errorf("read messages: %w", err))
-			return
+			return err
 		}
-		if outcome == "not_found" {
-			s.respondError(w, r, errNotFound)
-			return
-		}
-		if outcome == "read" {
-			s.notifier.enqueue(notification{Kind: "read", To: [][2]int64{{other.Int64, seq.Int64}}, Data: data})
+		if note != nil {
+			s.notifier.enqueue(*note)
 		}
 		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
+}
+
+// readMessages marks conversation read by reader up to now (the schema's
+// read_messages) and returns the notification of the read event it logged for the
+// other participant, or nil when there was nothing unread. It returns errNotFound
+// unless reader is in the conversation.
+func readMessages(ctx context.Context, db *sql.DB, reader, conversation int64) (*notification, error) {
+	var outcome string
+	var other, seq sql.NullInt64
+	var data []byte
+	err := db.QueryRowContext(ctx, `SELECT outcome, other_id, seq, data FROM read_messages($1, $2)`,
+		conversation, reader).Scan(&outcome, &other, &seq, &data)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("read messages: %w", err)
+	case outcome == "not_found":
+		return nil, errNotFound
+	case outcome == "read":
+		return &notification{Kind: "read", To: [][2]int64{{other.Int64, seq.Int64}}, Data: data}, nil
+	}
+	return nil, nil
 }
 
 // handleTyping serves POST /api/conversations/:id/typing: the other participant's
 // streams get a fleeting typing event.
-func (s *server) handleTyping() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleTyping() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		me := sessionFrom(r.Context()).userID
 		id, err := pathID(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		if err := s.limits.typing.allow(me); err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		other, err := otherParticipant(r.Context(), s.db, me, id)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		data, _ := json.Marshal(map[string]string{
 			"conversationId": strconv.FormatInt(id, 10),
@@ -486,5 +503,6 @@ func (s *server) handleTyping() http.HandlerFunc {
 		})
 		s.notifier.enqueue(notification{Kind: "typing", To: [][2]int64{{other.ID, 0}}, Data: data})
 		w.WriteHeader(http.StatusNoContent)
+		return nil
 	}
 }

@@ -20,6 +20,9 @@ type metrics struct {
 	streamsOpen        prometheus.Gauge
 	eventsDelivered    prometheus.Counter
 	streamsDroppedSlow prometheus.Counter
+	streamsRefused     *prometheus.CounterVec // by reason: user_limit, server_full
+	streamResets       *prometheus.CounterVec // by reason: too_far_behind, expired, unknown_position
+	eventsPruned       prometheus.Counter
 	listenerReconnects prometheus.Counter
 	notifyFailures     prometheus.Counter
 	busMessages        *prometheus.CounterVec
@@ -46,6 +49,15 @@ func newMetrics(db *sql.DB) *metrics {
 		streamsDroppedSlow: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "messenger_streams_dropped_slow_total", Help: "Streams ended because they fell behind.",
 		}),
+		streamsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_streams_refused_total", Help: "Stream requests refused at a cap: user_limit (STREAMS_PER_USER) or server_full (STREAMS_MAX).",
+		}, []string{"reason"}),
+		streamResets: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_stream_resets_total", Help: "Resuming streams sent reset instead of a replay, by reason.",
+		}, []string{"reason"}),
+		eventsPruned: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_events_pruned_total", Help: "Events deleted from the log past EVENT_RETENTION.",
+		}),
 		listenerReconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "messenger_listener_reconnects_total", Help: "Times the LISTEN connection was re-established.",
 		}),
@@ -63,18 +75,48 @@ func newMetrics(db *sql.DB) *metrics {
 		}, []string{"reason"}),
 	}
 	m.registry.MustRegister(m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
-		m.streamsDroppedSlow, m.listenerReconnects, m.busMessages, m.busReconnects,
+		m.streamsDroppedSlow, m.streamsRefused, m.streamResets, m.eventsPruned, m.listenerReconnects,
+		m.busMessages, m.busReconnects,
 		collectors.NewDBStatsCollector(db, "messenger"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// Every label value exists from the start, so that a dashboard sees zeros.
 	for _, direction := range []string{"published", "received"} {
-		m.busMessages.WithLabelValues(direction) // shown at 0 from the start
+		m.busMessages.WithLabelValues(direction)
+	}
+	for _, reason := range []string{"user_limit", "server_full"} {
+		m.streamsRefused.WithLabelValues(reason)
+	}
+	for _, reason := range []string{resetTooFarBehind, resetExpired, resetUnknownPosition} {
+		m.streamResets.WithLabelValues(reason)
 	}
 	return m
 }
 
+// observeRequest counts a request under labels from closed sets only, so that
+// what a client sends cannot add series: route is a registered pattern or
+// "(not found)" (the caller's, never the path), the method is a standard one or
+// "other", and the status is one net/http names or "other".
 func (m *metrics) observeRequest(route, method string, status int, d time.Duration) {
-	m.requests.WithLabelValues(route, method, strconv.Itoa(status)).Inc()
+	m.requests.WithLabelValues(route, methodLabel(method), statusLabel(status)).Inc()
 	m.requestDuration.WithLabelValues(route).Observe(d.Seconds())
+}
+
+// methodLabel returns method if it is one of HTTP's standard methods, else "other".
+func methodLabel(method string) string {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch,
+		http.MethodDelete, http.MethodOptions, http.MethodConnect, http.MethodTrace:
+		return method
+	}
+	return "other"
+}
+
+// statusLabel returns the status code as text if net/http knows it, else "other".
+func statusLabel(status int) string {
+	if http.StatusText(status) == "" {
+		return "other"
+	}
+	return strconv.Itoa(status)
 }
 
 func (m *metrics) handler() http.Handler {

@@ -85,6 +85,7 @@ func catalog(t *testing.T, db *sql.DB) string {
 // TestMigrationsMatchSchema checks that schema.sql, the schema people read, is the
 // schema the migrations build.
 func TestMigrationsMatchSchema(t *testing.T) {
+	t.Parallel()
 	_, fromSchema := openPrivateDatabase(t)
 	mustExec(t, fromSchema, schemaSQL)
 	_, fromMigrations := openPrivateDatabase(t)
@@ -142,6 +143,7 @@ func baselineSQL(t *testing.T) string {
 // TestMigrateUpgradesExistingDatabase upgrades a database made by the schema.sql of
 // before migrations, with data in it, and checks that every row is still there.
 func TestMigrateUpgradesExistingDatabase(t *testing.T) {
+	t.Parallel()
 	dbURL, db := openPrivateDatabase(t)
 	mustExec(t, db, baselineSQL(t))
 	mustExec(t, db, `INSERT INTO users (id, username, github_id) VALUES (1, 'ann', NULL), (2, 'Bob', 42)`)
@@ -215,6 +217,7 @@ func sameRows(before, after string) bool {
 // TestMigrateConcurrently starts the migrations from several instances at once on
 // a new database: each applies or waits, and each migration is recorded once.
 func TestMigrateConcurrently(t *testing.T) {
+	t.Parallel()
 	_, db := openPrivateDatabase(t)
 	var wg sync.WaitGroup
 	errs := make(chan error, 4)

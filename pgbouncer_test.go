@@ -164,9 +164,7 @@ func asString(v any) string {
 // a direct connection (DATABASE_LISTEN_URL), and checks that they passed and that
 // their queries went through PgBouncer.
 func TestThroughPgBouncer(t *testing.T) {
-	if testing.Short() {
-		t.Skip("runs a second test process; not in -short")
-	}
+	skipInShortMode(t, "a second test process behind PgBouncer")
 	if os.Getenv(pgBouncerEnv) != "" {
 		t.Skip("already behind PgBouncer")
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -95,7 +94,7 @@ func (l *limiter[K]) allow(key K) error {
 	res := b.ReserveN(now, 1)
 	if delay := res.DelayFrom(now); delay > 0 {
 		res.CancelAt(now)
-		return &apiError{status: http.StatusTooManyRequests, msg: "too many requests, slow down", retryAfter: delay}
+		return tooMany("too many requests, slow down", delay)
 	}
 	return nil
 }

@@ -126,6 +126,7 @@ func (p *pgProxy) handle(c net.Conn) {
 // re-runs a pooled statement on another connection when the driver reports a
 // broken one; the send would then be stored twice. It must be stored once.
 func TestSendNotRepeatedOnBrokenConnection(t *testing.T) {
+	t.Parallel()
 	u := mustParseURL(t, testDatabaseURL)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -165,6 +166,7 @@ func TestSendNotRepeatedOnBrokenConnection(t *testing.T) {
 // connection ends at its next keep-alive, found by the read check, not by a failed
 // write one keep-alive later.
 func TestStreamNoticesDepartedClient(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "SSE_KEEPALIVE=500ms")
 	alice := ts.newUser(t, "alice")
 	conn, err := net.Dial("tcp", strings.TrimPrefix(ts.URL, "http://"))

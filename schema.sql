@@ -70,6 +70,9 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (user_id, seq),
     CHECK ((kind = 'message') = (message_id IS NOT NULL))
 );
+-- events_created serves the pruner, which deletes events older than EVENT_RETENTION
+-- in small batches, oldest first (retention.go).
+CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
 
 -- idempotency_keys remembers the message each Idempotency-Key created, so that a
 -- retried send returns the first message instead of creating another.

@@ -4,9 +4,9 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"sync"
 	"time"
 
@@ -46,7 +46,7 @@ const (
 	endGone                = "ended"
 )
 
-var errSessionEnded = &apiError{status: http.StatusUnauthorized, msg: "session ended; sign in again"}
+var errSessionEnded = unauthenticated("session ended; sign in again")
 
 // startSession starts a session for user and returns its first token. A user keeps
 // at most MAX_SESSIONS_PER_USER open sessions: signing in once more ends the
@@ -69,13 +69,15 @@ func (s *server) startSession(ctx context.Context, user int64) (string, time.Tim
 
 // endSessions ends user's open sessions, with reason: only session if it is not 0,
 // else all but the newest keep (0: all of them). It announces the user on
-// sessionsChannel, in the same statement, when it ended any.
+// sessionsChannel, in the same statement, when it ended any. Both the UPDATE and
+// its subquery name the user, so that a database split by user (docs/scaling.md)
+// runs the statement on one shard.
 func (s *server) endSessions(ctx context.Context, user, session int64, keep int, reason string) error {
 	var n int
 	err := s.db.QueryRowContext(ctx, `
 		WITH ended AS (
 			UPDATE sessions SET ended_at = now(), end_reason = $4
-			WHERE id IN (
+			WHERE user_id = $1 AND id IN (
 				SELECT id FROM sessions
 				WHERE user_id = $1 AND ($2 = 0 OR id = $2) AND ended_at IS NULL
 				ORDER BY id DESC OFFSET $3)
@@ -90,6 +92,43 @@ func (s *server) endSessions(ctx context.Context, user, session int64, keep int,
 	}
 	s.metrics.sessionsEnded.WithLabelValues(reason).Add(float64(n))
 	return nil
+}
+
+// openSessionEnd returns the hard end of session of user, or errSessionEnded if it
+// ended, passed its end or is not user's.
+func openSessionEnd(ctx context.Context, db *sql.DB, session, user int64) (time.Time, error) {
+	var ends time.Time
+	err := db.QueryRowContext(ctx, `
+		SELECT expires_at FROM sessions
+		WHERE id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > now()`,
+		session, user).Scan(&ends)
+	if errors.Is(err, sql.ErrNoRows) {
+		return ends, errSessionEnded
+	}
+	if err != nil {
+		return ends, fmt.Errorf("check session: %w", err)
+	}
+	return ends, nil
+}
+
+// refreshSession records that session of user was refreshed and returns its hard
+// end. It returns errSessionEnded if the session ended (or passed its end) since
+// the request was authenticated. The session is looked up with its user, as the
+// token names both, so that a database split by user (docs/scaling.md) finds it on
+// one shard.
+func refreshSession(ctx context.Context, db *sql.DB, session, user int64) (time.Time, error) {
+	var ends time.Time
+	err := db.QueryRowContext(ctx, `
+		UPDATE sessions SET refreshed_at = now()
+		WHERE id = $1 AND user_id = $2 AND ended_at IS NULL AND expires_at > now()
+		RETURNING expires_at`, session, user).Scan(&ends)
+	if errors.Is(err, sql.ErrNoRows) {
+		return ends, errSessionEnded
+	}
+	if err != nil {
+		return ends, fmt.Errorf("refresh session: %w", err)
+	}
+	return ends, nil
 }
 
 // sessionCacheTTL is how long authenticate trusts a session it found open without

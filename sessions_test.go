@@ -112,7 +112,12 @@ func expectOpen(t *testing.T, bob *client, conv string, streams map[string]*sseS
 // another, and its streams on both get session_ended and
 // close within 5 s; the same person's other session, and its streams, go on.
 func TestLogoutEndsOneSession(t *testing.T) {
-	a, b := newTestServer(t), newTestServer(t)
+	t.Parallel()
+	forEachBus(t, testLogoutEndsOneSession) // sign-outs travel on PostgreSQL with either
+}
+
+func testLogoutEndsOneSession(t *testing.T, bus testBus) {
+	a, b := newTestServer(t, bus.env...), newTestServer(t, bus.env...)
 	name := uniqueName("leaver")
 	phone, laptop := a.login(t, name), a.login(t, name)
 	bob := a.newUser(t, "bob")
@@ -141,6 +146,7 @@ func TestLogoutEndsOneSession(t *testing.T) {
 // TestLogoutAllEndsEverySession: POST /api/logout/all ends every session of the
 // caller on every instance, and nobody else's.
 func TestLogoutAllEndsEverySession(t *testing.T) {
+	t.Parallel()
 	a, b := newTestServer(t), newTestServer(t)
 	name := uniqueName("everywhere")
 	s1, s2, s3 := a.login(t, name), a.login(t, name), b.login(t, name)
@@ -170,6 +176,7 @@ func TestLogoutAllEndsEverySession(t *testing.T) {
 // TestDeletedUserTokensRefused: once a user is deleted (in SQL, as an operator
 // would), their token gets 401 and their open stream closes.
 func TestDeletedUserTokensRefused(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	doomed := ts.newUser(t, "doomed")
 	doomed.mustDo("GET", "/api/usernames?search=d", nil, http.StatusOK, nil)
@@ -193,6 +200,7 @@ func TestDeletedUserTokensRefused(t *testing.T) {
 // session past SESSION_MAX_AGE; each token expires by the session's end, and
 // after it the session is refused.
 func TestRefreshStopsAtSessionMaxAge(t *testing.T) {
+	t.Parallel()
 	const maxAge = 4 * time.Second
 	ts := newTestServer(t, "TOKEN_TTL=2s", "SESSION_MAX_AGE="+maxAge.String())
 	start := time.Now()
@@ -228,6 +236,7 @@ func TestRefreshStopsAtSessionMaxAge(t *testing.T) {
 // TestQueryTokenOnlyOnStream: ?token= opens the stream and is refused with 401
 // everywhere else, even next to a good Authorization header.
 func TestQueryTokenOnlyOnStream(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
@@ -267,6 +276,7 @@ func TestQueryTokenOnlyOnStream(t *testing.T) {
 // TestTooManySessions: signing in once more than MAX_SESSIONS_PER_USER ends the
 // oldest session, and only that one.
 func TestTooManySessions(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "MAX_SESSIONS_PER_USER=3")
 	name := uniqueName("many")
 	var sessions []*client
@@ -366,6 +376,7 @@ func BenchmarkSessionCheck(b *testing.B) {
 // TestOperatorEndsSessions: sessions an operator ends in SQL, which nothing
 // announces, are refused within a second and their streams end at the next check.
 func TestOperatorEndsSessions(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "SESSION_CHECK_INTERVAL=1s")
 	c := ts.newUser(t, "suspect")
 	c.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil)
@@ -385,6 +396,7 @@ func TestOperatorEndsSessions(t *testing.T) {
 // session's end only, for its own user only; a lookup that began before a clear
 // stores nothing; and the cache never holds more than maxCachedSessions.
 func TestSessionCache(t *testing.T) {
+	t.Parallel()
 	c := newSessionCache()
 	now := time.Now()
 	ends := now.Add(time.Hour)

@@ -131,6 +131,7 @@ func oauthCallback(t testing.TB, ts *testServer, state, code, cookie string) (ra
 
 // TestOAuthStartStoresNothing: starting sign-ins writes no row, however many.
 func TestOAuthStartStoresNothing(t *testing.T) {
+	t.Parallel()
 	gh := newGitHub(t)
 	ts := newTestServer(t, append(gh.env(), "DATABASE_URL="+privateDatabase(t))...)
 	before := totalRows(t, ts.DB)
@@ -152,6 +153,7 @@ func TestOAuthStartStoresNothing(t *testing.T) {
 // expires, in the browser that started the sign-in; and it hands the client's
 // nonce back with the token.
 func TestOAuthState(t *testing.T) {
+	t.Parallel()
 	gh := newGitHub(t)
 	key := strings.Repeat("s", 40)
 	ts := newTestServer(t, append(gh.env(), "TOKEN_KEY="+key)...)
@@ -210,6 +212,7 @@ func TestOAuthState(t *testing.T) {
 // TestGitHubNameTaken: a person whose GitHub login, and login-id, belong to other
 // accounts still signs in, under a name chosen the same way each time.
 func TestGitHubNameTaken(t *testing.T) {
+	t.Parallel()
 	gh := newGitHub(t)
 	ts := newTestServer(t, gh.env()...)
 	signIn := func(id int64, login string) apiUser {
@@ -294,6 +297,7 @@ func requestClient(t *testing.T, ts *testServer, n int, header http.Header) stri
 // forwarded address that is not a trusted proxy, for the sign-in limit and the
 // log; from any other peer the same headers change nothing.
 func TestTrustedProxies(t *testing.T) {
+	t.Parallel()
 	h := func(kv ...string) http.Header {
 		hdr := http.Header{}
 		for i := 0; i < len(kv); i += 2 {
@@ -387,6 +391,7 @@ func TestTrustedProxies(t *testing.T) {
 // TestMetricsAddr: with METRICS_ADDR, /metrics is served there and not on the
 // public listener, and its listener starts and stops with the server.
 func TestMetricsAddr(t *testing.T) {
+	t.Parallel()
 	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	ts := newTestServer(t, "METRICS_ADDR="+addr)
 	private := func() (rawResponse, error) { return rawDo("GET", "http://"+addr+"/metrics", nil, nil) }

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/lib/pq"
@@ -66,6 +67,8 @@ type event struct {
 type Hub struct {
 	db      *sql.DB
 	buffer  int // capacity of each stream's queue
+	perUser int // open streams one user may hold (STREAMS_PER_USER)
+	max     int // open streams in all (STREAMS_MAX)
 	metrics *metrics
 	logger  *slog.Logger
 	running sync.WaitGroup // registered streams, until they unregister (see handleStream)
@@ -77,14 +80,46 @@ type Hub struct {
 	bus    *natsBus
 	resync chan struct{} // a sync of every stream is due (see resyncSoon)
 
-	mu      sync.RWMutex               // guards streams and closed
+	errUserLimit *apiError // the answer past perUser
+
+	mu      sync.RWMutex               // guards streams, open and closed
 	streams map[int64]map[*stream]bool // user id → that user's open streams
+	open    int                        // streams in all the sets of streams
 	closed  bool                       // set on shutdown: no new streams
 }
 
-func newHub(db *sql.DB, buffer int, m *metrics, logger *slog.Logger) *Hub {
-	return &Hub{db: db, buffer: buffer, metrics: m, logger: logger, streams: make(map[int64]map[*stream]bool),
-		resync: make(chan struct{}, 1)}
+// defaultStreamsPerUser is STREAMS_PER_USER's default: a person with a dozen tabs on
+// each of a laptop, a desktop and a phone stays under it, and a client that opens
+// streams in a loop is stopped long before it holds a noticeable share of STREAMS_MAX.
+const defaultStreamsPerUser = 32
+
+// defaultStreamsMax is STREAMS_MAX's default: the process's open-file limit
+// (RLIMIT_NOFILE, which the Go runtime raises to the hard limit at start), less one
+// descriptor for each pooled database connection, two for the listener connection
+// and the listening socket, and a tenth of the limit (at least 256) for ordinary
+// requests, log files and the like. Each stream holds one descriptor.
+func defaultStreamsMax(dbConns int) int {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 1000
+	}
+	n := int(min(lim.Cur, 1<<24)) // RLIM_INFINITY is a huge number
+	return max(1, n-dbConns-2-max(256, n/10))
+}
+
+// The answers to a stream request the hub refuses; the 429 for a user over the cap
+// is built in newHub, with the cap in its text.
+var (
+	errServerFull   = unavailable("too many open streams on this server; try again shortly", 5*time.Second)
+	errShuttingDown = unavailable("server is shutting down", time.Second)
+)
+
+func newHub(db *sql.DB, cfg config, m *metrics, logger *slog.Logger) *Hub {
+	return &Hub{db: db, buffer: cfg.streamBuffer, perUser: cfg.streamsPerUser, max: cfg.streamsMax,
+		metrics: m, logger: logger, streams: make(map[int64]map[*stream]bool), resync: make(chan struct{}, 1),
+		errUserLimit: tooMany(fmt.Sprintf("too many open streams: at most %d per user; close one (another tab or device)", cfg.streamsPerUser),
+			10*time.Second),
+	}
 }
 
 // stream is one open GET /api/messages response.
@@ -99,6 +134,15 @@ type stream struct {
 	// sessionEnded why that session ended, if that is why the stream was ended.
 	sessionID    int64
 	sessionEnded atomic.Pointer[string]
+
+	// A stream that resumes starts out replaying: until goLive, publish queues none
+	// of its events but raises heldTo to the highest position it was told of (an
+	// event's seq or a sync mark), so a long replay can neither fill the queue nor
+	// be overtaken by live events. replaying changes only under the hub's write
+	// lock; heldTo is raised under its read lock, by the dispatch and sync
+	// goroutines at once, hence atomic.
+	replaying atomic.Bool
+	heldTo    atomic.Int64
 }
 
 // end asks the stream to finish; it reports whether this call was the first.
@@ -110,15 +154,36 @@ func (st *stream) end() bool {
 	return false
 }
 
-// register adds a stream for user's session; it returns nil once the hub is
-// shutting down.
-func (h *Hub) register(user, session int64) *stream {
-	st := &stream{userID: user, sessionID: session, events: make(chan *event, h.buffer), done: make(chan struct{})}
+// holdBack raises st.heldTo to position to, unless it is there already.
+func (st *stream) holdBack(to int64) {
+	for {
+		held := st.heldTo.Load()
+		if to <= held || st.heldTo.CompareAndSwap(held, to) {
+			return
+		}
+	}
+}
+
+// register adds a stream for user's session, replaying (see stream) if it resumes
+// from a position. It is the one place that enforces the stream caps: it returns
+// h.errUserLimit (429) when user already holds STREAMS_PER_USER streams here,
+// errServerFull (503) when STREAMS_MAX are open, and errShuttingDown (503) once
+// the hub is closing.
+func (h *Hub) register(user, session int64, replaying bool) (*stream, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.closed {
-		return nil
+	switch {
+	case h.closed:
+		return nil, errShuttingDown
+	case len(h.streams[user]) >= h.perUser:
+		h.metrics.streamsRefused.WithLabelValues("user_limit").Inc()
+		return nil, h.errUserLimit
+	case h.open >= h.max:
+		h.metrics.streamsRefused.WithLabelValues("server_full").Inc()
+		return nil, errServerFull
 	}
+	st := &stream{userID: user, sessionID: session, events: make(chan *event, h.buffer), done: make(chan struct{})}
+	st.replaying.Store(replaying)
 	if h.streams[user] == nil {
 		h.streams[user] = make(map[*stream]bool)
 		if h.bus != nil {
@@ -126,9 +191,10 @@ func (h *Hub) register(user, session int64) *stream {
 		}
 	}
 	h.streams[user][st] = true
+	h.open++
 	h.metrics.streamsOpen.Inc()
 	h.running.Add(1) // under mu, after the closed check: shutdown's Wait cannot miss it
-	return st
+	return st, nil
 }
 
 // unregister removes st; the hub sends it nothing more.
@@ -143,9 +209,21 @@ func (h *Hub) unregister(st *stream) {
 				h.bus.unsubscribe(st.userID)
 			}
 		}
+		h.open--
 		h.metrics.streamsOpen.Dec()
 		h.running.Done()
 	}
+}
+
+// goLive ends st's replay: from now on publish queues its events. It returns the
+// highest position publish held back meanwhile, which the stream must still read
+// from the log. Under the write lock, no publish is halfway between reading
+// st.replaying and raising st.heldTo.
+func (h *Hub) goLive(st *stream) int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st.replaying.Store(false)
+	return st.heldTo.Load()
 }
 
 // hasStreams reports whether user has an open stream here.
@@ -156,11 +234,17 @@ func (h *Hub) hasStreams(user int64) bool {
 }
 
 // publish queues ev on each of user's streams without ever waiting: a stream whose
-// queue is full is ended instead, and its client resumes from the log.
+// queue is full is ended instead, and its client resumes from the log. A stream
+// still replaying gets nothing queued; publish only notes how far it must read.
 func (h *Hub) publish(user int64, ev *event) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	for st := range h.streams[user] {
+		if st.replaying.Load() {
+			// The replay reads the event from the log; a fleeting one is dropped.
+			st.holdBack(max(ev.seq, ev.syncTo))
+			continue
+		}
 		select {
 		case st.events <- ev:
 		default:
@@ -347,6 +431,16 @@ func namedFrame(seq int64, kind string, data []byte) []byte {
 	return append(b, "\n\n"...)
 }
 
+// readyFrame encodes the first frame of every stream: event "ready", its id the
+// position the stream starts from, repeated in the data, where a script can read it
+// (an EventSource dispatches nothing for a frame without data, and a plain client
+// ignores an event type it does not listen to). Unlike namedFrame, it writes id 0
+// too: the position of a user with no events yet.
+func readyFrame(last int64) []byte {
+	id := strconv.FormatInt(last, 10)
+	return []byte("id: " + id + "\nevent: ready\ndata: {\"lastEventId\":\"" + id + "\"}\n\n")
+}
+
 // compactJSON drops the spaces PostgreSQL puts in jsonb text, so an event's data
 // reads the same whether it came live or from the log.
 func compactJSON(b []byte) []byte {
@@ -422,7 +516,7 @@ func lastEventID(r *http.Request) (id int64, ok bool, err error) {
 	}
 	id, err = strconv.ParseInt(strings.TrimSpace(s), 10, 64)
 	if err != nil || id < 0 {
-		return 0, false, &apiError{status: http.StatusBadRequest, msg: "Last-Event-ID must be an event id"}
+		return 0, false, malformed("Last-Event-ID must be an event id")
 	}
 	return id, true, nil
 }
@@ -438,7 +532,7 @@ func lastEventID(r *http.Request) (id int64, ok bool, err error) {
 func (s *server) handleStream() http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if !acceptsEventStream(r) {
-			s.respondError(w, r, &apiError{status: http.StatusNotAcceptable, msg: "this endpoint serves text/event-stream; send Accept: text/event-stream"})
+			s.respondError(w, r, &apiError{kind: kindNotAcceptable, msg: "this endpoint serves text/event-stream; send Accept: text/event-stream"})
 			return
 		}
 		sess := sessionFrom(r.Context())
@@ -447,9 +541,9 @@ func (s *server) handleStream() http.HandlerFunc {
 			s.respondError(w, r, err)
 			return
 		}
-		st := s.hub.register(sess.userID, sess.sessionID)
-		if st == nil {
-			s.respondError(w, r, &apiError{status: http.StatusServiceUnavailable, msg: "server is shutting down", retryAfter: time.Second})
+		st, err := s.hub.register(sess.userID, sess.sessionID, resuming)
+		if err != nil {
+			s.respondError(w, r, err)
 			return
 		}
 		s.hub.bus.settle() // before the log's end is read (below)
@@ -461,9 +555,15 @@ func (s *server) handleStream() http.HandlerFunc {
 		}()
 
 		// The stream is registered before the log's end is read, so every event
-		// after that point is either in the log or in st.events.
-		var head int64
-		err = s.db.QueryRowContext(r.Context(), `SELECT event_seq FROM users WHERE id = $1`, sess.userID).Scan(&head)
+		// after that point is either in the log or in st.events (or, while the
+		// stream replays, below st.heldTo). oldest is the first event the log still
+		// holds, head+1 when it holds none (see pruneEvents): a lookup in the
+		// primary key (user_id, seq), read here rather than kept up to date by
+		// the pruner in a column of users, whose rows every send locks.
+		var head, oldest int64
+		err = s.db.QueryRowContext(r.Context(), `
+			SELECT u.event_seq, coalesce((SELECT min(e.seq) FROM events e WHERE e.user_id = u.id), u.event_seq + 1)
+			FROM users u WHERE u.id = $1`, sess.userID).Scan(&head, &oldest)
 		if errors.Is(err, sql.ErrNoRows) {
 			err = errTokenInvalid
 		}
@@ -472,8 +572,13 @@ func (s *server) handleStream() http.HandlerFunc {
 			return
 		}
 		last := head
-		if resuming && resumeFrom <= head {
-			last = resumeFrom
+		var reset []byte
+		if resuming {
+			var why string
+			last, why, reset = resumePoint(resumeFrom, head, oldest, s.cfg.replayMax)
+			if reset != nil {
+				s.metrics.streamResets.WithLabelValues(why).Inc()
+			}
 		}
 
 		h := w.Header()
@@ -486,12 +591,11 @@ func (s *server) handleStream() http.HandlerFunc {
 		h.Write(&hb)
 		hello = append(hello, hb.Bytes()...)
 		hello = append(hello, "\r\n: connected\nretry: 2000\n\n"...)
-		if last == head {
-			// Tell the client where it stands, so that a reconnect resumes here even
-			// if no event comes first. A frame with an id and no data sets the
-			// EventSource's last event id without dispatching anything.
-			hello = append(hello, "id: "+strconv.FormatInt(head, 10)+"\n\n"...)
-		}
+		// Tell the client where it stands before any replay (so ids never go back),
+		// so that a reconnect resumes here even if no event comes first: the id sets
+		// the EventSource's last event id, and the data makes it visible to scripts.
+		hello = append(hello, readyFrame(last)...)
+		hello = append(hello, reset...)
 		conn, _, err := http.NewResponseController(w).Hijack()
 		if err != nil {
 			s.respondError(w, r, fmt.Errorf("stream: hijack: %w", err))
@@ -504,6 +608,41 @@ func (s *server) handleStream() http.HandlerFunc {
 		}
 		go sc.serve(last < head)
 	}
+}
+
+// Why a resuming stream gets a reset frame instead of a replay: the reason field of
+// the frame's data.
+const (
+	resetTooFarBehind    = "too_far_behind"   // more than REPLAY_MAX events were missed
+	resetExpired         = "expired"          // the log no longer holds the events after the position
+	resetUnknownPosition = "unknown_position" // past the end of the log: another database's position, or made up
+)
+
+// resumePoint decides where a stream resuming after position from starts, given the
+// head of the user's log and the oldest event the log still holds. When the log
+// holds every event after from, and at most replayMax of them, the stream replays
+// them: resumePoint returns from and no reset. Otherwise the stream replays nothing
+// and starts at head, after a reset frame (returned with its reason) that tells the
+// client to fetch its state over REST. A position past head is not trusted either:
+// it comes from another database (one restored from a backup, say), whose later
+// events this one reuses the numbers of, so skipping to head could hide them.
+func resumePoint(from, head, oldest int64, replayMax int) (last int64, why string, reset []byte) {
+	data := struct {
+		Reason string `json:"reason"`
+		Missed int64  `json:"missed,omitempty"`
+	}{}
+	switch {
+	case from > head:
+		data.Reason = resetUnknownPosition
+	case from < oldest-1:
+		data.Reason = resetExpired
+	case head-from > int64(replayMax):
+		data.Reason, data.Missed = resetTooFarBehind, head-from
+	default:
+		return from, "", nil
+	}
+	b, _ := json.Marshal(data) // two plain fields always encode
+	return head, data.Reason, fmt.Appendf(nil, "id: %d\nevent: reset\ndata: %s\n\n", head, b)
 }
 
 // streamConn is one event stream after the handler handed it off.
@@ -535,8 +674,8 @@ func (sc *streamConn) serve(replay bool) {
 		reason = "write failed"
 		return
 	}
-	if replay {
-		if err := sc.catchUp(ctx, 0); err != nil {
+	if st.replaying.Load() {
+		if err := sc.replay(ctx, replay); err != nil {
 			reason = err.Error()
 			return
 		}
@@ -586,6 +725,25 @@ func (sc *streamConn) serve(replay bool) {
 			return
 		}
 	}
+}
+
+// replay writes from the log what a resuming client missed (if missed), while the
+// hub holds the user's live events aside instead of queueing them (see stream), so
+// that the queue cannot fill up and get the stream dropped as slow however long the
+// replay takes, and no live event overtakes a replayed one. Then it goes live and
+// reads from the log whatever the hub held back meanwhile; events queued after
+// that which the log already gave are skipped by handle. Every event is written
+// once, in order.
+func (sc *streamConn) replay(ctx context.Context, missed bool) error {
+	if missed {
+		if err := sc.catchUp(ctx, 0); err != nil {
+			return err
+		}
+	}
+	if held := sc.srv.hub.goLive(sc.st); held > sc.last {
+		return sc.catchUp(ctx, held)
+	}
+	return nil
 }
 
 // clientLeft reports whether the client has closed its side of the connection. The

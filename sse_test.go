@@ -5,14 +5,12 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -20,6 +18,7 @@ import (
 const eventWait = 5 * time.Second
 
 func TestStreamDeliversToEveryStreamOnce(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
@@ -47,6 +46,7 @@ func TestStreamDeliversToEveryStreamOnce(t *testing.T) {
 }
 
 func TestStreamProtocol(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "SSE_KEEPALIVE=100ms")
 	alice := ts.newUser(t, "alice")
 
@@ -140,6 +140,7 @@ keptAlive:
 // cannot take a sequence number until the first commits, so a client that resumes
 // from its last id can never have skipped the first.
 func TestStreamOrderUnderConcurrentCommits(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	alice, bob, carol := ts.newUser(t, "alice"), ts.newUser(t, "bob"), ts.newUser(t, "carol")
 	convA := alice.startConversation(bob)
@@ -209,6 +210,7 @@ func TestStreamOrderUnderConcurrentCommits(t *testing.T) {
 }
 
 func TestStreamResume(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t)
 	bob := ts.newUser(t, "bob")
 	var senders []*client
@@ -262,6 +264,47 @@ func TestStreamResume(t *testing.T) {
 
 // streamWithQuery opens the stream with ?token= and ?last_event_id=, as a client
 // that starts a new EventSource does.
+// TestStreamReadyFirst: every stream starts with a "ready" event whose id and data
+// give the position it starts from, a fresh one (the log's end) or a resumed one;
+// a resumed stream replays after it, so ids never go back.
+func TestStreamReadyFirst(t *testing.T) {
+	t.Parallel()
+	ts := newTestServer(t)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	ready := func(s *sseStream, want string) {
+		t.Helper()
+		ev := s.next(eventWait)
+		if ev.Event != "ready" || ev.ID != want || ev.Data != `{"lastEventId":"`+want+`"}` {
+			t.Fatalf("first event %+v, want ready with id %s", ev, want)
+		}
+	}
+	// A user with no events yet starts at 0, which a client must be able to send back.
+	ready(bob.streamWithReady(""), "0")
+
+	conv := alice.startConversation(bob)
+	var sent []apiMessage
+	for i := range 3 {
+		sent = append(sent, alice.send(conv.ID, fmt.Sprintf("m%d", i)))
+	}
+	var head string
+	ts.DB.QueryRow(`SELECT event_seq FROM users WHERE id = $1`, bob.User.ID).Scan(&head)
+	fresh := bob.streamWithReady("")
+	ready(fresh, head)
+	fresh.expectNone(100 * time.Millisecond)
+
+	n, _ := strconv.Atoi(head)
+	from := strconv.Itoa(n - 3)
+	resumed := bob.streamWithReady(from)
+	ready(resumed, from)
+	for i, want := range sent {
+		ev, m := resumed.nextMessage(eventWait)
+		if m.ID != want.ID || ev.ID != strconv.Itoa(n-2+i) {
+			t.Fatalf("replayed event %d: id %s message %s, want id %d message %s", i, ev.ID, m.ID, n-2+i, want.ID)
+		}
+	}
+	resumed.expectNone(100 * time.Millisecond)
+}
+
 func (c *client) streamWithQuery(t *testing.T, lastEventID string) *sseStream {
 	t.Helper()
 	req, _ := http.NewRequest("GET", c.base+"/api/messages?token="+c.Token+"&last_event_id="+lastEventID, nil)
@@ -280,7 +323,7 @@ func (c *client) streamWithQuery(t *testing.T, lastEventID string) *sseStream {
 }
 
 // metricValue reads one unlabelled metric from /metrics.
-func metricValue(t *testing.T, ts *testServer, name string) float64 {
+func metricValue(t testing.TB, ts *testServer, name string) float64 {
 	t.Helper()
 	resp, b := (&client{t: t, base: ts.URL}).do("GET", "/metrics", nil)
 	if resp.StatusCode != http.StatusOK {
@@ -295,23 +338,13 @@ func metricValue(t *testing.T, ts *testServer, name string) float64 {
 }
 
 func TestSlowStreamIsDropped(t *testing.T) {
+	t.Parallel()
 	ts := newTestServer(t, "SSE_BUFFER=8", "SSE_WRITE_TIMEOUT=1s")
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
 	healthy := bob.stream("")
 
-	// A client that opens the stream and never reads, with a tiny receive buffer.
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) {
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1024)
-		})
-	}}
-	conn, err := d.Dial("tcp", strings.TrimPrefix(ts.URL, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	fmt.Fprintf(conn, "GET /api/messages HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\nAuthorization: Bearer %s\r\n\r\n", bob.Token)
+	openSilentStream(t, ts, bob, "")
 	waitFor(t, eventWait, "two open streams", func() bool { return metricValue(t, ts, "messenger_streams_open") == 2 })
 
 	big := strings.Repeat("€", 480) // about 1.5 KB a frame
@@ -343,7 +376,7 @@ func TestSlowStreamIsDropped(t *testing.T) {
 }
 
 func TestStreamsDoNotLeak(t *testing.T) {
-	ts := newTestServer(t)
+	ts := newTestServer(t, "STREAMS_PER_USER=1000")
 	alice := ts.newUser(t, "alice")
 	tr := &http.Transport{MaxIdleConnsPerHost: -1}
 	defer tr.CloseIdleConnections()
@@ -403,6 +436,7 @@ func TestStreamsDoNotLeak(t *testing.T) {
 // TestReadAndTypingReachOnlyTheOther runs on either bus, with the streams on
 // another instance than the one taking the requests.
 func TestReadAndTypingReachOnlyTheOther(t *testing.T) {
+	t.Parallel()
 	forEachBus(t, testReadAndTypingReachOnlyTheOther)
 }
 

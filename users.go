@@ -23,14 +23,14 @@ type User struct {
 // digits, '-' or '_' (GitHub's logins fit it).
 func validateUsername(name string) error {
 	if name == "" {
-		return validationError("username", "Username required")
+		return invalid("username", "Username required")
 	}
 	if len(name) > 39 {
-		return validationError("username", "Username too long. 39 max")
+		return invalid("username", "Username too long. 39 max")
 	}
 	for _, c := range name {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
-			return validationError("username", "Username may only contain letters, digits, '-' and '_'")
+			return invalid("username", "Username may only contain letters, digits, '-' and '_'")
 		}
 	}
 	return nil
@@ -131,37 +131,43 @@ func userByID(ctx context.Context, db *sql.DB, id int64) (User, error) {
 
 // handleUsernames serves GET /api/usernames?search=: up to 5 usernames that start
 // with search, case-insensitively, never the caller's own.
-func (s *server) handleUsernames() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		search := r.URL.Query().Get("search")
-		names := []string{}
-		// A search outside the username alphabet can match nobody.
-		if search == "" || validateUsername(search) != nil {
-			respond(w, http.StatusOK, names)
-			return
-		}
-		rows, err := s.db.QueryContext(r.Context(), `
-			SELECT username FROM users
-			WHERE lower(username) LIKE lower($1) || '%' AND id <> $2
-			ORDER BY lower(username) LIMIT 5`,
-			strings.NewReplacer("_", `\_`).Replace(search), sessionFrom(r.Context()).userID)
+func (s *server) handleUsernames() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		names, err := searchUsernames(r.Context(), s.db, sessionFrom(r.Context()).userID, r.URL.Query().Get("search"))
 		if err != nil {
-			s.respondError(w, r, fmt.Errorf("search usernames: %w", err))
-			return
-		}
-		defer rows.Close()
-		for rows.Next() {
-			var name string
-			if err := rows.Scan(&name); err != nil {
-				s.respondError(w, r, fmt.Errorf("scan username: %w", err))
-				return
-			}
-			names = append(names, name)
-		}
-		if err := rows.Err(); err != nil {
-			s.respondError(w, r, fmt.Errorf("search usernames: %w", err))
-			return
+			return err
 		}
 		respond(w, http.StatusOK, names)
+		return nil
 	}
+}
+
+// searchUsernames returns up to 5 usernames that start with prefix,
+// case-insensitively, never me's own.
+func searchUsernames(ctx context.Context, db *sql.DB, me int64, prefix string) ([]string, error) {
+	names := []string{}
+	// A search outside the username alphabet can match nobody.
+	if prefix == "" || validateUsername(prefix) != nil {
+		return names, nil
+	}
+	rows, err := db.QueryContext(ctx, `
+		SELECT username FROM users
+		WHERE lower(username) LIKE lower($1) || '%' AND id <> $2
+		ORDER BY lower(username) LIMIT 5`,
+		strings.NewReplacer("_", `\_`).Replace(prefix), me)
+	if err != nil {
+		return nil, fmt.Errorf("search usernames: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return nil, fmt.Errorf("scan username: %w", err)
+		}
+		names = append(names, name)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("search usernames: %w", err)
+	}
+	return names, nil
 }

@@ -40,10 +40,11 @@ func serveWeb(w http.ResponseWriter, r *http.Request) {
 var openAPIDocument []byte
 
 // handleOpenAPI serves GET /api/openapi.yaml: the API's contract, docs/openapi.yaml.
-func handleOpenAPI() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+func handleOpenAPI() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		w.Header().Set("Content-Type", "application/yaml; charset=utf-8")
 		w.Write(openAPIDocument)
+		return nil
 	}
 }
 

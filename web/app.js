@@ -13,7 +13,7 @@ const signOutButton = document.getElementById('sign-out');
 const signedInAs = document.getElementById('signed-in-as');
 const accountName = document.getElementById('account-name');
 
-let view = null; // the mounted page: {unmount, onMessage, onRead, onTyping, conversationId}
+let view = null; // the mounted page: {unmount, onMessage, onRead, onTyping, refresh, conversationId}
 let me = null; // the signed-in User, once known
 let sessionStarted = false;
 let flash = ''; // a message for the sign-in page
@@ -48,6 +48,12 @@ const stream = createStream({
   onSessionEnded(event) {
     signOut(SESSION_ENDED[event?.reason] ?? SESSION_ENDED.ended);
   },
+  // Events may have been missed: fetch again what the page shows, and the unread
+  // counts if the page is not the list (which brings its own).
+  onResync() {
+    view?.refresh?.();
+    if (!view?.hasUnreadCounts) refreshUnread();
+  },
 });
 
 // What the sign-in page says when the server ended the session, by the reason the
@@ -63,6 +69,16 @@ function showAccount() {
   accountName.textContent = me?.username ?? '';
   signedInAs.title = me ? `Signed in as ${me.username}` : '';
   signedInAs.hidden = !me;
+}
+
+// refreshUnread takes the unread counts of the newest conversations from the server.
+async function refreshUnread() {
+  try {
+    const page = await api('GET', '/api/conversations');
+    for (const c of page) if (c.id !== view?.conversationId) setUnread(c.id, c.unreadCount ?? 0);
+  } catch {
+    // The counts catch up at the next visit to the list.
+  }
 }
 
 function setUnread(id, count) {

@@ -2,6 +2,7 @@
 
 import { uuid } from './client.js';
 import { announce, avatar, h, isAbort, linkify, timeElement } from './dom.js';
+import { normalize } from './normalize.js';
 
 const PAGE_SIZE = 25;
 const MAX_LENGTH = 480; // characters (code points), as the server counts them
@@ -9,15 +10,13 @@ const COUNTER_FROM = 100; // show the counter once this few characters remain
 const TYPING_EVERY = 3000; // ms between typing notices sent
 const TYPING_SHOWN = 4000; // ms a typing notice from the other stays up
 const GROUP_GAP = 5 * 60 * 1000; // messages of one sender closer than this share one time
+const REFRESH_PAGES = 8; // pages a refresh reads back at most to fill a gap in what is shown
+const REFRESH_RETRY = 3000; // ms before a failed refresh tries again
 
-// normalize does to content what the server does before storing it.
-function normalize(content = '') {
-  return content
-    .replace(/\r\n?/g, '\n')
-    .split('\n')
-    .map((line) => line.replace(/\s+/g, ' ').trim())
-    .filter(Boolean)
-    .join('\n');
+// idBefore reports whether message id a comes before b. Ids are decimal numbers
+// that grow with each message, perhaps beyond what a double holds exactly.
+function idBefore(a, b) {
+  return a.length !== b.length ? a.length < b.length : a < b;
 }
 
 export function mountConversation(root, ctx, id) {
@@ -36,6 +35,9 @@ export function mountConversation(root, ctx, id) {
   let done = false;
   let typingTimer = 0;
   let lastTypingSent = 0;
+  let refreshing = false;
+  let refreshDue = false; // refresh once loaded, or once the refresh in progress ends
+  let refreshTimer = 0; // a failed refresh tries again
 
   document.body.classList.add('conversation-page');
 
@@ -93,6 +95,25 @@ export function mountConversation(root, ctx, id) {
     messages.scrollTop = messages.scrollHeight;
   }
 
+  // place moves li, a confirmed message, to where its id belongs: confirmed
+  // messages in order of id, then the ones being sent or not sent.
+  function place(li) {
+    let prev = list.lastElementChild;
+    while (prev && (prev === li || prev.dataset.id === undefined || idBefore(li.dataset.id, prev.dataset.id))) prev = prev.previousElementSibling;
+    if (!prev) {
+      if (list.firstElementChild !== li) list.prepend(li);
+    } else if (prev.nextElementSibling !== li) {
+      prev.after(li);
+    }
+  }
+
+  // receive shows a message from the stream or a refresh, once.
+  function receive(m) {
+    if (!loaded) early.push(m);
+    else if (m.mine && sending > 0) held.push(m); // may be the answer to a send on its way
+    else add(m);
+  }
+
   function add(m) {
     if (byId.has(m.id)) return;
     // A send whose answer was lost may still have been stored: the stream's copy
@@ -100,11 +121,12 @@ export function mountConversation(root, ctx, id) {
     const failed = m.mine && [...list.querySelectorAll('.message.failed')].find((li) => normalize(drafts.get(li)) === m.content);
     if (failed) {
       fill(failed, m);
+      place(failed);
       arrange();
       return;
     }
     const stick = nearBottom();
-    list.append(messageElement(m));
+    place(messageElement(m));
     if (stick || m.mine) scrollToBottom();
     if (!m.mine) {
       hideTyping();
@@ -158,6 +180,7 @@ export function mountConversation(root, ctx, id) {
       scrollToBottom();
       olderObserver.observe(olderStatus);
       markRead();
+      if (refreshDue) refresh();
     } catch (err) {
       if (isAbort(err)) return;
       title.textContent = err.status === 404 ? 'Conversation not found' : "Couldn't load this conversation";
@@ -190,6 +213,49 @@ export function mountConversation(root, ctx, id) {
       loadingOlder = false;
     }
     if (!done && messages.scrollTop < olderStatus.offsetHeight + 200) loadOlder();
+  }
+
+  // refresh fetches the newest messages again, for when events may have been
+  // missed, back to the newest one shown (REFRESH_PAGES pages at most), and
+  // merges them by id. When more is missing, the history restarts from what it
+  // fetched, and scrolling up loads the rest.
+  async function refresh() {
+    if (!loaded || refreshing) return void (refreshDue = true);
+    refreshDue = false;
+    refreshing = true;
+    try {
+      let newest = '';
+      for (const shown of byId.keys()) if (!newest || idBefore(newest, shown)) newest = shown;
+      const fetched = [];
+      let before = '';
+      let full = false; // the last page was full: older messages may follow
+      let reached = false; // fetched back to the newest message shown, or to the beginning
+      for (let i = 0; i < REFRESH_PAGES && !reached; i++) {
+        const page = await ctx.api('GET', `${path}/messages${before ? `?before=${encodeURIComponent(before)}` : ''}`, { signal });
+        fetched.push(...page);
+        if (page.length) before = page[page.length - 1].id;
+        full = page.length === PAGE_SIZE;
+        reached = !full || !newest || page.some((m) => !idBefore(newest, m.id));
+      }
+      if (!reached) {
+        for (const li of list.querySelectorAll('.message[data-id]')) li.remove();
+        byId.clear();
+      }
+      if (!reached || !newest) {
+        oldestId = before;
+        done = !full;
+        olderStatus.textContent = done ? 'This is the beginning of your conversation.' : '';
+      }
+      for (const m of fetched.reverse()) receive(m);
+      arrange();
+    } catch (err) {
+      if (isAbort(err)) return;
+      clearTimeout(refreshTimer);
+      refreshTimer = setTimeout(refresh, REFRESH_RETRY);
+    } finally {
+      refreshing = false;
+    }
+    if (refreshDue) refresh();
   }
 
   const olderObserver = new IntersectionObserver((entries) => {
@@ -283,7 +349,10 @@ export function mountConversation(root, ctx, id) {
       const m = await ctx.api('POST', `${path}/messages`, { body: { content }, headers: { 'Idempotency-Key': li.dataset.key } });
       const shown = byId.get(m.id);
       if (shown && shown !== li) li.remove();
-      else fill(li, m);
+      else {
+        fill(li, m);
+        place(li);
+      }
     } catch (err) {
       if (err.status === 401) return;
       li.classList.remove('pending');
@@ -314,13 +383,12 @@ export function mountConversation(root, ctx, id) {
       controller.abort();
       olderObserver.disconnect();
       clearTimeout(typingTimer);
+      clearTimeout(refreshTimer);
       document.removeEventListener('visibilitychange', onVisibility);
     },
+    refresh,
     onMessage(m) {
-      if (m.conversationId !== id) return;
-      if (!loaded) early.push(m);
-      else if (m.mine && sending > 0) held.push(m); // may be the answer to a send on its way
-      else add(m);
+      if (m.conversationId === id) receive(m);
     },
     onRead(event) {
       if (event.conversationId === id) updateSeen();

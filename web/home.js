@@ -10,7 +10,8 @@ export function mountHome(root, ctx) {
   const conversations = new Map(); // id -> Conversation shown in the list
   const fetching = new Map(); // id -> messages that arrived while the conversation was being fetched
   let cursor = '';
-  let loading = false;
+  let loading = false; // a page is being fetched (by loadMore or refresh)
+  let refreshDue = false; // refresh once the fetch in progress ends
   let done = false;
 
   const list = h('ul', { id: 'conversations', class: 'conversation-list', 'aria-label': 'Conversations' });
@@ -18,11 +19,10 @@ export function mountHome(root, ctx) {
   const sentinel = h('div', { class: 'sentinel', 'aria-hidden': 'true' });
   root.append(h('section', { class: 'home' }, h('h1', { tabindex: '-1' }, 'Conversations'), newConversationForm(ctx, signal), list, status, sentinel));
 
-  async function loadMore() {
+  function loadMore() {
     if (loading || done) return;
-    loading = true;
     status.replaceChildren('Loading…');
-    try {
+    fetchList(loadMore, async () => {
       const page = await ctx.api('GET', `/api/conversations${cursor ? `?before=${encodeURIComponent(cursor)}` : ''}`, { signal });
       for (const c of page) {
         if (conversations.has(c.id)) continue;
@@ -32,13 +32,55 @@ export function mountHome(root, ctx) {
       }
       if (page.length) cursor = page[page.length - 1].id;
       done = page.length < PAGE_SIZE;
+    });
+  }
+
+  // refresh fetches the newest conversations again, for when events may have been
+  // missed, and merges them by id: they go to the top in the server's order, with
+  // its unread counts. If every one of a full page changed, older ones may have
+  // too: the rest of the list is dropped, to load again as it is scrolled to.
+  function refresh() {
+    if (loading) return void (refreshDue = true);
+    refreshDue = false;
+    fetchList(refresh, async () => {
+      const page = await ctx.api('GET', '/api/conversations', { signal });
+      const changed = page.filter((c) => !conversations.has(c.id) || conversations.get(c.id).lastMessage?.id !== c.lastMessage?.id).length;
+      const shown = [...list.children].map((li) => li.dataset.id);
+      const inOrder = page.every((c, i) => shown[i] === c.id);
+      for (const c of [...page].reverse()) {
+        const same = conversations.get(c.id)?.lastMessage?.id === c.lastMessage?.id && ctx.unread.get(c.id) === (c.unreadCount ?? 0);
+        conversations.set(c.id, c);
+        ctx.unread.set(c.id, c.unreadCount ?? 0);
+        // Items already in place and up to date are left alone (and keep focus).
+        if (!inOrder || !same) redraw(c, { toTop: !inOrder });
+      }
+      if (!cursor || (page.length === PAGE_SIZE && changed === PAGE_SIZE)) {
+        const fresh = new Set(page.map((c) => c.id));
+        for (const id of conversations.keys()) {
+          if (fresh.has(id)) continue;
+          conversations.delete(id);
+          list.querySelector(`.conversation-item[data-id="${CSS.escape(id)}"]`)?.remove();
+        }
+        cursor = page.length ? page[page.length - 1].id : '';
+        done = page.length < PAGE_SIZE;
+      }
+    });
+  }
+
+  // fetchList runs fetchPage, one fetch of the list at a time; a failure shows
+  // with a button that calls again.
+  async function fetchList(again, fetchPage) {
+    loading = true;
+    try {
+      await fetchPage();
       status.replaceChildren(done && conversations.size === 0 ? 'No conversations yet. Start one above.' : '');
     } catch (err) {
       if (isAbort(err)) return;
-      status.replaceChildren("Couldn't load conversations. ", h('button', { type: 'button', class: 'link-button', onclick: loadMore }, 'Try again'));
+      status.replaceChildren("Couldn't load conversations. ", h('button', { type: 'button', class: 'link-button', onclick: again }, 'Try again'));
       return;
     } finally {
       loading = false;
+      if (refreshDue) refresh();
     }
     // A short page may leave the sentinel on screen, which the observer won't report again.
     if (!done && isOnScreen(sentinel)) loadMore();
@@ -111,6 +153,8 @@ export function mountHome(root, ctx) {
   const clock = setInterval(() => refreshTimes(list), 30_000);
 
   return {
+    hasUnreadCounts: true, // refresh brings them
+    refresh,
     unmount() {
       controller.abort();
       observer.disconnect();

@@ -9,6 +9,8 @@
 //	                reads their event stream, then idle streams, then a fixed rate
 //	loadgen report  prints the results as one table and writes bench/out/results.md
 //	loadgen quiet   waits, a bounded time, for the machine to be idle
+//	loadgen flood   sends requests with made-up methods and paths and reports the
+//	                server's memory and /metrics size (bench/flood.sh runs it)
 //
 // Each subcommand writes what it measured as JSON for report to read.
 package main
@@ -43,7 +45,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: loadgen setup|pgbench|load|report|quiet [flags]")
+		return errors.New("usage: loadgen setup|pgbench|load|report|quiet|flood [flags]")
 	}
 	switch args[0] {
 	case "setup":
@@ -56,8 +58,10 @@ func run(ctx context.Context, args []string) error {
 		return runReport(args[1:])
 	case "quiet":
 		return runQuiet(args[1:])
+	case "flood":
+		return runFlood(ctx, args[1:])
 	}
-	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, load, report or quiet", args[0])
+	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, load, report, quiet or flood", args[0])
 }
 
 // newFlags returns the flag set of a subcommand.
