@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -34,8 +35,9 @@ type natsBus struct {
 	metrics *metrics
 	logger  *slog.Logger
 
-	msgs chan *nats.Msg // what every subscription received, in order per user
-	lost chan struct{}  // wake-ups may have been lost: sync every stream
+	msgs    chan *nats.Msg // what every subscription received, in order per user
+	lost    chan struct{}  // wake-ups may have been lost: sync every stream
+	failing atomic.Bool    // the last publish failed (logged once per run of failures)
 
 	mu   sync.Mutex                   // guards subs
 	subs map[int64]*nats.Subscription // user id → the subscription to their subject
@@ -91,6 +93,7 @@ func openBus(ctx context.Context, cfg config, db *sql.DB, m *metrics, logger *sl
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			logger.Warn("bus", "err", err)
 			if errors.Is(err, nats.ErrSlowConsumer) {
+				m.busSlow.Inc()
 				bus.markLost()
 			}
 		}),
@@ -173,12 +176,17 @@ func (b *natsBus) settle() {
 }
 
 // publish sends payload, a JSON array of user's notifications, to user's subject;
-// a failure counts as a failed notify.
+// a failure counts as a failed notify, and the first of a run of them is logged.
 func (b *natsBus) publish(user int64, payload []byte) {
 	if err := b.conn.Publish(b.subject(user), payload); err != nil {
 		b.metrics.notifyFailures.Inc()
-		b.logger.Warn("bus: publish: events will reach streams at the next sync", "user", user, "err", err)
+		if b.failing.CompareAndSwap(false, true) {
+			b.logger.Warn("bus: publish: events will reach streams at the next sync; failures counted in messenger_notify_failures_total until one succeeds", "err", err)
+		}
 		return
+	}
+	if b.failing.CompareAndSwap(true, false) {
+		b.logger.Info("bus: publishing again")
 	}
 	b.metrics.busMessages.WithLabelValues("published").Inc()
 }

@@ -2,9 +2,12 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -17,6 +20,8 @@ import (
 	"time"
 
 	natsserver "github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // natsTestServer is a NATS server running in the test process, which a test may
@@ -382,4 +387,39 @@ func cpuSince(before, after map[int]time.Duration) time.Duration {
 		d += t - before[pid]
 	}
 	return d
+}
+
+// TestBusSlowConsumerSyncs fills an instance's queue of received wake-ups: NATS
+// drops the rest, which is counted, and the hub is asked to sync every stream.
+func TestBusSlowConsumerSyncs(t *testing.T) {
+	n := newNATSServer(t)
+	db, err := sql.Open("postgres", testDatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	m := newMetrics(db)
+	bus, err := openBus(context.Background(), config{natsURL: n.URL(), natsSubjectPrefix: "slow.test"}, db, m,
+		slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bus.close()
+	bus.msgs = make(chan *nats.Msg, 4) // a small queue, and nothing drains it
+	bus.subscribe(42)
+	bus.settle()
+	for range 50 {
+		bus.publish(42, []byte(`[]`))
+	}
+	select {
+	case <-bus.lost:
+	case <-time.After(eventWait):
+		t.Fatal("no sync asked for after wake-ups were dropped")
+	}
+	if got := testutil.ToFloat64(m.busSlow); got < 1 {
+		t.Errorf("messenger_bus_slow_consumer_total: got %v, want at least 1", got)
+	}
+	if got := testutil.ToFloat64(m.busMessages.WithLabelValues("published")); got != 50 {
+		t.Errorf("published: got %v, want 50", got)
+	}
 }

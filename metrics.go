@@ -27,6 +27,7 @@ type metrics struct {
 	notifyFailures     prometheus.Counter
 	busMessages        *prometheus.CounterVec
 	busReconnects      prometheus.Counter
+	busSlow            prometheus.Counter
 	sessionsEnded      *prometheus.CounterVec
 }
 
@@ -70,13 +71,16 @@ func newMetrics(db *sql.DB) *metrics {
 		busReconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "messenger_bus_reconnects_total", Help: "Times the NATS connection was re-established.",
 		}),
+		busSlow: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_bus_slow_consumer_total", Help: "Times NATS dropped wake-ups because this instance fell behind (its streams then sync with the log).",
+		}),
 		sessionsEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "messenger_sessions_ended_total", Help: "Sessions ended through this instance, by reason (signed_out, signed_out_everywhere, too_many_sessions).",
 		}, []string{"reason"}),
 	}
 	m.registry.MustRegister(m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
 		m.streamsDroppedSlow, m.streamsRefused, m.streamResets, m.eventsPruned, m.listenerReconnects,
-		m.busMessages, m.busReconnects,
+		m.busMessages, m.busReconnects, m.busSlow,
 		collectors.NewDBStatsCollector(db, "messenger"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value exists from the start, so that a dashboard sees zeros.
