@@ -41,14 +41,14 @@ func main() {
 type config struct {
 	databaseURL string // the pool's: PostgreSQL itself, or a pooler in transaction mode
 	listenURL   string // the LISTEN connection's: always PostgreSQL itself
+	addr        string // host:port to listen on
+	origin      *url.URL
+	devLogin    bool
+	tokenKey    []byte // empty: taken from the database (development only)
+	tokenTTL    time.Duration
 
 	natsURL           string // if set, instances wake each other through NATS, not NOTIFY
 	natsSubjectPrefix string // subjects are <prefix>.user.<id>; empty: kept in the database
-	addr              string // host:port to listen on
-	origin            *url.URL
-	devLogin          bool
-	tokenKey          []byte // empty: taken from the database (development only)
-	tokenTTL          time.Duration
 
 	sessionMaxAge        time.Duration // hard end of a session, whatever refreshes
 	sessionCheckInterval time.Duration // how often streams' sessions are checked
@@ -435,8 +435,8 @@ func (s *server) serveMetrics(addr string) (stop func(), err error) {
 
 // close stops the background work (the send workers finish their batches, the
 // notifier sends what is queued, through the bus if there is one) and closes the
-// database. It runs after the HTTP
-// server has shut down, so no request is left waiting on a batch.
+// database. It runs after the HTTP server has shut down, so no request is left
+// waiting on a batch.
 func (s *server) close() {
 	s.stop()
 	<-s.done

@@ -17,8 +17,9 @@ const maxNotifyPayload = 7900
 
 // notifier announces committed events to every instance (this one included) with
 // NOTIFY, or through the bus when NATS_URL is set (see natsBus), after the
-// transaction that stored them has committed. pg_notify inside the send transaction would serialise every commit on PostgreSQL's notify lock,
-// which the benchmark measured at about a quarter of the throughput. Notifications
+// transaction that stored them has committed. pg_notify inside the send
+// transaction would serialise every commit on PostgreSQL's notify lock, which the
+// benchmark measured at about a quarter of the throughput. Notifications
 // that pile up while one NOTIFY is in flight go out together, packed into as few
 // payloads as fit, in one round trip.
 //
