@@ -188,10 +188,23 @@ func mustParseURL(t *testing.T, s string) *url.URL {
 
 // BenchmarkDeliveryLatency measures how long a message takes from the start of its
 // send to its arrival on the receiver's stream, with the stream on the instance
-// that took the send and on another instance (go test -run '^$' -bench Delivery).
-// Both go through NOTIFY; the difference is the cost of the second instance.
+// that took the send and on another instance, on each bus (go test -run '^$'
+// -bench Delivery). Every delivery goes through the bus, the same instance's too;
+// the difference is the cost of the second instance.
 func BenchmarkDeliveryLatency(b *testing.B) {
-	a, other := newTestServer(b), newTestServer(b)
+	for _, bus := range []string{"postgres", "nats"} {
+		b.Run(bus, func(b *testing.B) {
+			var env []string
+			if bus == "nats" {
+				env = []string{"NATS_URL=" + newNATSServer(b).URL()}
+			}
+			benchmarkDeliveryLatency(b, env)
+		})
+	}
+}
+
+func benchmarkDeliveryLatency(b *testing.B, env []string) {
+	a, other := newTestServer(b, env...), newTestServer(b, env...)
 	alice, bob := a.newUser(b, "alice"), a.newUser(b, "bob")
 	conv := alice.startConversation(bob)
 	for _, tc := range []struct {
