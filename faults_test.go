@@ -304,11 +304,15 @@ func (s *sender) len() int {
 
 // TestFaultsPostgresRestart restarts PostgreSQL under a running server: requests
 // during the outage fail fast with 503, nothing acknowledged is lost or delivered
-// twice, and the server recovers by itself.
+// twice, and the server recovers by itself; on either bus.
 func TestFaultsPostgresRestart(t *testing.T) {
 	skipInShortMode(t, "a fault test")
+	forEachBus(t, testFaultsPostgresRestart)
+}
+
+func testFaultsPostgresRestart(t *testing.T, bus testBus) {
 	pg := newPGCluster(t)
-	ts := newTestServer(t, "DATABASE_URL="+pg.URL(), "SSE_SYNC_INTERVAL=1s")
+	ts := newTestServer(t, bus.with("DATABASE_URL="+pg.URL(), "SSE_SYNC_INTERVAL=1s")...)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
 
@@ -429,9 +433,13 @@ func TestFaultsPostgresRestart(t *testing.T) {
 
 // TestFaultsSIGTERM stops the real binary with SIGTERM while messages flow: it
 // exits 0 promptly, its streams end cleanly, and every acknowledged message was
-// delivered before the end or is replayed by a fresh instance.
+// delivered before the end or is replayed by a fresh instance; on either bus.
 func TestFaultsSIGTERM(t *testing.T) {
 	skipInShortMode(t, "a fault test")
+	forEachBus(t, testFaultsSIGTERM)
+}
+
+func testFaultsSIGTERM(t *testing.T, bus testBus) {
 	goTool, err := exec.LookPath("go")
 	if err != nil {
 		skipUnlessCI(t, "no go command to build the server")
@@ -449,6 +457,7 @@ func TestFaultsSIGTERM(t *testing.T) {
 		"DATABASE_URL=" + testDatabaseURL, "DEV_LOGIN=true", "HOST=127.0.0.1", "PORT=" + strconv.Itoa(port),
 		"RATE_LIMIT_SENDS=off", "RATE_LIMIT_CONVERSATIONS=off", "RATE_LIMIT_LOGINS=off",
 	}
+	cmd.Env = append(cmd.Env, bus.env...)
 	logs := &syncBuffer{}
 	cmd.Stderr = logs
 	stdout, err := cmd.StdoutPipe()
@@ -559,7 +568,7 @@ func TestFaultsSIGTERM(t *testing.T) {
 
 	// Every acknowledged message is stored, and each user has it: from the stream
 	// before it ended, or replayed by a fresh instance from the last event id.
-	fresh := newTestServer(t)
+	fresh := newTestServer(t, bus.env...)
 	mu.Lock()
 	defer mu.Unlock()
 	for id := range acked {

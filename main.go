@@ -47,6 +47,9 @@ type config struct {
 	tokenKey    []byte // empty: taken from the database (development only)
 	tokenTTL    time.Duration
 
+	natsURL           string // if set, instances wake each other through NATS, not NOTIFY
+	natsSubjectPrefix string // subjects are <prefix>.user.<id>; empty: kept in the database
+
 	sessionMaxAge        time.Duration // hard end of a session, whatever refreshes
 	sessionCheckInterval time.Duration // how often streams' sessions are checked
 	maxSessionsPerUser   int           // open sessions a user keeps; a sign-in ends the oldest
@@ -96,6 +99,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
 	}
 	cfg.listenURL = orDefault(getenv("DATABASE_LISTEN_URL"), cfg.databaseURL)
+	cfg.natsURL, cfg.natsSubjectPrefix = getenv("NATS_URL"), getenv("NATS_SUBJECT_PREFIX")
+	if p := cfg.natsSubjectPrefix; p != "" && (len(p) > 100 || !busPrefixRE.MatchString(p)) {
+		return cfg, fmt.Errorf("NATS_SUBJECT_PREFIX %q: want dot-separated tokens of letters, digits, - and _ (at most 100 characters)", p)
+	}
 	port := orDefault(getenv("PORT"), "3000")
 	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
 		return cfg, fmt.Errorf("PORT %q: not a port number", port)
@@ -275,6 +282,7 @@ type server struct {
 	logger   *slog.Logger
 	http     *http.Server
 	listener *pq.Listener
+	bus      *natsBus // nil unless NATS_URL is set
 	notifier *notifier
 	sends    *sendBatcher
 	done     chan struct{} // closed when the background goroutines have stopped
@@ -308,17 +316,27 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 
 		sessionCache: newSessionCache(),
 	}
-	s.notifier = newNotifier(db, m, logger)
+	channels := []string{notifyChannel, sessionsChannel}
+	if cfg.natsURL != "" {
+		if s.bus, err = openBus(ctx, cfg, db, m, logger); err != nil {
+			db.Close()
+			return nil, err
+		}
+		channels = []string{sessionsChannel} // sign-outs stay on PostgreSQL
+	}
+	s.notifier = newNotifier(db, s.bus, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
 	s.hub = newHub(db, cfg, m, logger)
+	s.hub.bus = s.bus
 	s.listener = pq.NewListener(cfg.listenURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
 			logger.Warn("event listener", "state", ev.String(), "err", err)
 		}
 	})
-	for _, channel := range []string{notifyChannel, sessionsChannel} {
+	for _, channel := range channels {
 		if err := s.listener.Listen(channel); err != nil {
 			s.listener.Close()
+			s.bus.close()
 			db.Close()
 			return nil, fmt.Errorf("listen for events: %w", err)
 		}
@@ -334,6 +352,9 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	wg.Go(func() { s.hub.run(bg, s.listener.Notify, cfg.syncInterval, s.listener.Ping) })
 	wg.Go(func() { s.sends.run(bg) })
 	wg.Go(func() { s.notifier.run(bg) })
+	if s.bus != nil {
+		wg.Go(func() { s.bus.run(bg, s.hub) })
+	}
 	wg.Go(func() { s.cleanUp(bg) })
 	wg.Go(func() { sessions.run(bg) })
 	wg.Go(func() { every(bg, cfg.pruneInterval, nil, func() { s.pruneEvents(bg) }) })
@@ -413,11 +434,13 @@ func (s *server) serveMetrics(addr string) (stop func(), err error) {
 }
 
 // close stops the background work (the send workers finish their batches, the
-// notifier sends what is queued) and closes the database. It runs after the HTTP
-// server has shut down, so no request is left waiting on a batch.
+// notifier sends what is queued, through the bus if there is one) and closes the
+// database. It runs after the HTTP server has shut down, so no request is left
+// waiting on a batch.
 func (s *server) close() {
 	s.stop()
 	<-s.done
+	s.bus.close()
 	s.listener.Close()
 	s.db.Close()
 }
@@ -493,13 +516,7 @@ func poolerSafeDSN(dsn string) (string, error) {
 func developmentTokenKey(ctx context.Context, db *sql.DB) ([]byte, error) {
 	b := make([]byte, 32)
 	rand.Read(b)
-	var key string
-	err := db.QueryRowContext(ctx, `
-		WITH ins AS (
-			INSERT INTO settings (name, value) VALUES ('dev_token_key', $1)
-			ON CONFLICT (name) DO NOTHING RETURNING value)
-		SELECT value FROM ins UNION ALL SELECT value FROM settings WHERE name = 'dev_token_key'
-		LIMIT 1`, hex.EncodeToString(b)).Scan(&key)
+	key, err := storedSetting(ctx, db, "dev_token_key", hex.EncodeToString(b))
 	if err != nil {
 		return nil, fmt.Errorf("development token key: %w", err)
 	}

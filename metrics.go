@@ -25,6 +25,9 @@ type metrics struct {
 	eventsPruned       prometheus.Counter
 	listenerReconnects prometheus.Counter
 	notifyFailures     prometheus.Counter
+	busMessages        *prometheus.CounterVec
+	busReconnects      prometheus.Counter
+	busSlow            prometheus.Counter
 	sessionsEnded      *prometheus.CounterVec
 }
 
@@ -60,7 +63,16 @@ func newMetrics(db *sql.DB) *metrics {
 			Name: "messenger_listener_reconnects_total", Help: "Times the LISTEN connection was re-established.",
 		}),
 		notifyFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "messenger_notify_failures_total", Help: "NOTIFY round trips that failed (their events reach streams at the next sync).",
+			Name: "messenger_notify_failures_total", Help: "NOTIFY round trips or bus publishes that failed (their events reach streams at the next sync).",
+		}),
+		busMessages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_bus_messages_total", Help: "NATS bus messages by direction (published, received).",
+		}, []string{"direction"}),
+		busReconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_bus_reconnects_total", Help: "Times the NATS connection was re-established.",
+		}),
+		busSlow: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "messenger_bus_slow_consumer_total", Help: "Times NATS dropped wake-ups because this instance fell behind (its streams then sync with the log).",
 		}),
 		sessionsEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "messenger_sessions_ended_total", Help: "Sessions ended through this instance, by reason (signed_out, signed_out_everywhere, too_many_sessions).",
@@ -68,9 +80,13 @@ func newMetrics(db *sql.DB) *metrics {
 	}
 	m.registry.MustRegister(m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
 		m.streamsDroppedSlow, m.streamsRefused, m.streamResets, m.eventsPruned, m.listenerReconnects,
+		m.busMessages, m.busReconnects, m.busSlow,
 		collectors.NewDBStatsCollector(db, "messenger"),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// Every label value exists from the start, so that a dashboard sees zeros.
+	for _, direction := range []string{"published", "received"} {
+		m.busMessages.WithLabelValues(direction)
+	}
 	for _, reason := range []string{"user_limit", "server_full"} {
 		m.streamsRefused.WithLabelValues(reason)
 	}

@@ -16,9 +16,10 @@ import (
 const maxNotifyPayload = 7900
 
 // notifier announces committed events to every instance (this one included) with
-// NOTIFY, after the transaction that stored them has committed. pg_notify inside
-// the send transaction would serialise every commit on PostgreSQL's notify lock,
-// which the benchmark measured at about a quarter of the throughput. Notifications
+// NOTIFY, or through the bus when NATS_URL is set (see natsBus), after the
+// transaction that stored them has committed. pg_notify inside the send
+// transaction would serialise every commit on PostgreSQL's notify lock, which the
+// benchmark measured at about a quarter of the throughput. Notifications
 // that pile up while one NOTIFY is in flight go out together, packed into as few
 // payloads as fit, in one round trip.
 //
@@ -27,35 +28,63 @@ const maxNotifyPayload = 7900
 // SSE_SYNC_INTERVAL and whenever a later event shows a gap.
 type notifier struct {
 	db      *sql.DB
+	bus     *natsBus // if set, notifications go through it instead of NOTIFY
 	logger  *slog.Logger
 	metrics *metrics
 
-	mu      sync.Mutex // guards pending
-	pending [][]byte   // encoded notifications, in the order they were queued
+	mu      sync.Mutex    // guards pending
+	pending []pendingNote // in the order they were queued
 	wake    chan struct{}
 }
 
-func newNotifier(db *sql.DB, m *metrics, logger *slog.Logger) *notifier {
-	return &notifier{db: db, logger: logger, metrics: m, wake: make(chan struct{}, 1)}
+// pendingNote is one encoded notification waiting to be sent: to every instance
+// (user 0, through NOTIFY), or to the instances holding user's streams (the bus),
+// with To cut down to that user.
+type pendingNote struct {
+	user int64
+	b    []byte
 }
 
-// enqueue queues n for the next NOTIFY; it never waits.
+func newNotifier(db *sql.DB, bus *natsBus, m *metrics, logger *slog.Logger) *notifier {
+	return &notifier{db: db, bus: bus, logger: logger, metrics: m, wake: make(chan struct{}, 1)}
+}
+
+// enqueue queues n for the next NOTIFY, or the next publish of each of its users'
+// subjects; it never waits.
 func (nf *notifier) enqueue(n notification) {
-	var buf bytes.Buffer
-	enc := json.NewEncoder(&buf)
-	enc.SetEscapeHTML(false)
-	if err := enc.Encode(n); err != nil {
-		nf.logger.Error("encode notification", "err", err)
-		return
+	var notes []pendingNote
+	if nf.bus == nil {
+		notes = append(notes, pendingNote{b: nf.encode(n)})
+	} else {
+		all := n.To
+		for _, to := range all {
+			n.To = [][2]int64{to}
+			notes = append(notes, pendingNote{user: to[0], b: nf.encode(n)})
+		}
 	}
-	b := bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
 	nf.mu.Lock()
-	nf.pending = append(nf.pending, b)
+	for _, p := range notes {
+		if p.b != nil {
+			nf.pending = append(nf.pending, p)
+		}
+	}
 	nf.mu.Unlock()
 	select {
 	case nf.wake <- struct{}{}:
 	default:
 	}
+}
+
+// encode returns n as JSON, or nil if it does not encode.
+func (nf *notifier) encode(n notification) []byte {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(n); err != nil {
+		nf.logger.Error("encode notification", "err", err)
+		return nil
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
 }
 
 // run sends the queued notifications until ctx is done, then sends what is left.
@@ -74,7 +103,8 @@ func (nf *notifier) run(ctx context.Context) {
 }
 
 // flush sends everything queued, packed into JSON arrays of at most
-// maxNotifyPayload bytes.
+// maxNotifyPayload bytes: all in one NOTIFY round trip, or one bus message per
+// user (more if they do not fit), in the order they were queued.
 func (nf *notifier) flush(ctx context.Context) {
 	nf.mu.Lock()
 	batch := nf.pending
@@ -83,11 +113,52 @@ func (nf *notifier) flush(ctx context.Context) {
 	if len(batch) == 0 {
 		return
 	}
+	if nf.bus != nil {
+		var users []int64
+		byUser := map[int64][][]byte{}
+		for _, p := range batch {
+			if byUser[p.user] == nil {
+				users = append(users, p.user)
+			}
+			byUser[p.user] = append(byUser[p.user], p.b)
+		}
+		for _, u := range users {
+			for _, payload := range packNotifications(byUser[u]) {
+				nf.bus.publish(u, payload)
+			}
+		}
+		return
+	}
 	var payloads []string
+	for _, p := range packNotifications(batchBytes(batch)) {
+		payloads = append(payloads, string(p))
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_, err := nf.db.ExecContext(ctx, `SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p`,
+		notifyChannel, pq.Array(payloads))
+	if err != nil {
+		nf.metrics.notifyFailures.Inc()
+		nf.logger.Warn("notify: events will reach other streams at the next sync", "events", len(batch), "err", err)
+	}
+}
+
+func batchBytes(batch []pendingNote) [][]byte {
+	bs := make([][]byte, len(batch))
+	for i, p := range batch {
+		bs[i] = p.b
+	}
+	return bs
+}
+
+// packNotifications packs encoded notifications, in order, into JSON arrays of at
+// most maxNotifyPayload bytes (a single notification larger than that is sent alone).
+func packNotifications(batch [][]byte) [][]byte {
+	var payloads [][]byte
 	var cur []byte
 	for _, b := range batch {
 		if len(cur) > 0 && len(cur)+1+len(b)+1 > maxNotifyPayload {
-			payloads = append(payloads, string(append(cur, ']')))
+			payloads = append(payloads, append(cur, ']'))
 			cur = nil
 		}
 		if len(cur) == 0 {
@@ -97,14 +168,5 @@ func (nf *notifier) flush(ctx context.Context) {
 		}
 		cur = append(cur, b...)
 	}
-	payloads = append(payloads, string(append(cur, ']')))
-
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	_, err := nf.db.ExecContext(ctx, `SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p`,
-		notifyChannel, pq.Array(payloads))
-	if err != nil {
-		nf.metrics.notifyFailures.Inc()
-		nf.logger.Warn("notify: events will reach other streams at the next sync", "events", len(batch), "err", err)
-	}
+	return append(payloads, append(cur, ']'))
 }

@@ -113,7 +113,11 @@ func expectOpen(t *testing.T, bob *client, conv string, streams map[string]*sseS
 // close within 5 s; the same person's other session, and its streams, go on.
 func TestLogoutEndsOneSession(t *testing.T) {
 	t.Parallel()
-	a, b := newTestServer(t), newTestServer(t)
+	forEachBus(t, testLogoutEndsOneSession) // sign-outs travel on PostgreSQL with either
+}
+
+func testLogoutEndsOneSession(t *testing.T, bus testBus) {
+	a, b := newTestServer(t, bus.env...), newTestServer(t, bus.env...)
 	name := uniqueName("leaver")
 	phone, laptop := a.login(t, name), a.login(t, name)
 	bob := a.newUser(t, "bob")

@@ -30,7 +30,9 @@ import (
 // sequence order, skips what it already wrote and reads any gap from the log, so a
 // notification that is late, doubled or lost changes nothing but latency: after
 // the listener reconnects, and every syncInterval, each stream is told how far its
-// user's log reaches and catches up.
+// user's log reaches and catches up. With NATS_URL set, a NATS subject per user
+// carries the notifications instead, to the instances holding that user's streams
+// (see natsBus); everything else stays the same.
 
 // notifyChannel is the PostgreSQL channel every instance listens on.
 const notifyChannel = "messenger_events"
@@ -73,6 +75,10 @@ type Hub struct {
 
 	// sessionNotes, if set, takes the payloads of sessionsChannel's notifications.
 	sessionNotes func(payload string)
+	// bus, if set, carries the wake-ups instead of NOTIFY: the hub subscribes to a
+	// user's on their first stream here and unsubscribes on their last.
+	bus    *natsBus
+	resync chan struct{} // a sync of every stream is due (see resyncSoon)
 
 	errUserLimit *apiError // the answer past perUser
 
@@ -110,7 +116,7 @@ var (
 
 func newHub(db *sql.DB, cfg config, m *metrics, logger *slog.Logger) *Hub {
 	return &Hub{db: db, buffer: cfg.streamBuffer, perUser: cfg.streamsPerUser, max: cfg.streamsMax,
-		metrics: m, logger: logger, streams: make(map[int64]map[*stream]bool),
+		metrics: m, logger: logger, streams: make(map[int64]map[*stream]bool), resync: make(chan struct{}, 1),
 		errUserLimit: tooMany(fmt.Sprintf("too many open streams: at most %d per user; close one (another tab or device)", cfg.streamsPerUser),
 			10*time.Second),
 	}
@@ -180,6 +186,9 @@ func (h *Hub) register(user, session int64, replaying bool) (*stream, error) {
 	st.replaying.Store(replaying)
 	if h.streams[user] == nil {
 		h.streams[user] = make(map[*stream]bool)
+		if h.bus != nil {
+			h.bus.subscribe(user)
+		}
 	}
 	h.streams[user][st] = true
 	h.open++
@@ -196,6 +205,9 @@ func (h *Hub) unregister(st *stream) {
 		delete(set, st)
 		if len(set) == 0 {
 			delete(h.streams, st.userID)
+			if h.bus != nil {
+				h.bus.unsubscribe(st.userID)
+			}
 		}
 		h.open--
 		h.metrics.streamsOpen.Dec()
@@ -262,10 +274,9 @@ func (h *Hub) closeAll() {
 // pinging the listener run on goroutines of their own: this one must never stop
 // draining notes, or the listener's connection (which a ping also needs) stalls.
 func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterval time.Duration, ping func() error) {
-	resync := make(chan struct{}, 1)
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Go(func() { every(ctx, syncInterval, resync, func() { h.sync(ctx) }) })
+	wg.Go(func() { every(ctx, syncInterval, h.resync, func() { h.sync(ctx) }) })
 	wg.Go(func() {
 		every(ctx, syncInterval, nil, func() {
 			if err := ping(); err != nil && ctx.Err() == nil {
@@ -283,10 +294,7 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 			}
 			if n == nil {
 				h.metrics.listenerReconnects.Inc()
-				select {
-				case resync <- struct{}{}:
-				default: // a sync is already due
-				}
+				h.resyncSoon()
 				continue
 			}
 			switch {
@@ -296,6 +304,14 @@ func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterv
 				h.sessionNotes(n.Extra)
 			}
 		}
+	}
+}
+
+// resyncSoon has every stream synced with the log: notifications may have been lost.
+func (h *Hub) resyncSoon() {
+	select {
+	case h.resync <- struct{}{}:
+	default: // a sync is already due
 	}
 }
 
@@ -530,6 +546,7 @@ func (s *server) handleStream() http.HandlerFunc {
 			s.respondError(w, r, err)
 			return
 		}
+		s.hub.bus.settle() // before the log's end is read (below)
 		handedOff := false
 		defer func() {
 			if !handedOff {

@@ -433,12 +433,18 @@ func TestStreamsDoNotLeak(t *testing.T) {
 	})
 }
 
+// TestReadAndTypingReachOnlyTheOther runs on either bus, with the streams on
+// another instance than the one taking the requests.
 func TestReadAndTypingReachOnlyTheOther(t *testing.T) {
 	t.Parallel()
-	ts := newTestServer(t)
+	forEachBus(t, testReadAndTypingReachOnlyTheOther)
+}
+
+func testReadAndTypingReachOnlyTheOther(t *testing.T, bus testBus) {
+	ts, other := newTestServer(t, bus.env...), newTestServer(t, bus.env...)
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob)
-	as, bs := alice.stream(""), bob.stream("")
+	as, bs := alice.as(other).stream(""), bob.as(other).stream("")
 
 	m := alice.send(conv.ID, "read me")
 	as.nextMessage(eventWait)
