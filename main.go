@@ -324,10 +324,10 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		}
 		channels = []string{sessionsChannel} // sign-outs stay on PostgreSQL
 	}
-	s.notifier = newNotifier(db, s.bus, m, logger)
-	s.sends = newSendBatcher(db, s.notifier)
 	s.hub = newHub(db, cfg, m, logger)
 	s.hub.bus = s.bus
+	s.notifier = newNotifier(db, s.hub, s.bus, m, logger)
+	s.sends = newSendBatcher(db, s.notifier)
 	s.listener = pq.NewListener(cfg.listenURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
 			logger.Warn("event listener", "state", ev.String(), "err", err)

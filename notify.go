@@ -28,6 +28,7 @@ const maxNotifyPayload = 7900
 // SSE_SYNC_INTERVAL and whenever a later event shows a gap.
 type notifier struct {
 	db      *sql.DB
+	hub     *Hub     // this instance's: its streams get each event at once
 	bus     *natsBus // if set, notifications go through it instead of NOTIFY
 	logger  *slog.Logger
 	metrics *metrics
@@ -45,13 +46,19 @@ type pendingNote struct {
 	b    []byte
 }
 
-func newNotifier(db *sql.DB, bus *natsBus, m *metrics, logger *slog.Logger) *notifier {
-	return &notifier{db: db, bus: bus, logger: logger, metrics: m, wake: make(chan struct{}, 1)}
+func newNotifier(db *sql.DB, hub *Hub, bus *natsBus, m *metrics, logger *slog.Logger) *notifier {
+	return &notifier{db: db, hub: hub, bus: bus, logger: logger, metrics: m, wake: make(chan struct{}, 1)}
 }
 
-// enqueue queues n for the next NOTIFY, or the next publish of each of its users'
-// subjects; it never waits.
+// enqueue hands n, committed, to this instance's streams at once, and queues it for
+// the next NOTIFY, or the next publish of each of its users' subjects, for the
+// other instances; it never waits. The local delivery saves the round trip through
+// PostgreSQL (or NATS) and back; n carries this instance as its origin, so that
+// the hub skips it when it comes back. Per-user order needs nothing more: a stream
+// writes events by sequence number and reads any gap from the log.
 func (nf *notifier) enqueue(n notification) {
+	nf.hub.dispatchOne(n)
+	n.Origin = nf.hub.origin
 	var notes []pendingNote
 	if nf.bus == nil {
 		notes = append(notes, pendingNote{b: nf.encode(n)})

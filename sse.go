@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"database/sql"
 	"encoding/json"
 	"errors"
@@ -42,6 +43,9 @@ const notifyChannel = "messenger_events"
 type notification struct {
 	Kind string     `json:"kind"` // "message", "read" or "typing"
 	To   [][2]int64 `json:"to"`   // [user id, seq]: who gets it, and its place in their log (0: fleeting)
+	// Origin is the instance that committed the event; it has delivered it to its
+	// own streams already (see notifier.enqueue), so it skips it when it comes back.
+	Origin string `json:"origin,omitempty"`
 
 	// Message fields.
 	Sender         int64  `json:"sender"`
@@ -72,6 +76,9 @@ type Hub struct {
 	metrics *metrics
 	logger  *slog.Logger
 	running sync.WaitGroup // registered streams, until they unregister (see handleStream)
+
+	// origin names this instance in the notifications it sends (see notification).
+	origin string
 
 	// sessionNotes, if set, takes the payloads of sessionsChannel's notifications.
 	sessionNotes func(payload string)
@@ -115,7 +122,7 @@ var (
 )
 
 func newHub(db *sql.DB, cfg config, m *metrics, logger *slog.Logger) *Hub {
-	return &Hub{db: db, buffer: cfg.streamBuffer, perUser: cfg.streamsPerUser, max: cfg.streamsMax,
+	return &Hub{db: db, origin: rand.Text(), buffer: cfg.streamBuffer, perUser: cfg.streamsPerUser, max: cfg.streamsMax,
 		metrics: m, logger: logger, streams: make(map[int64]map[*stream]bool), resync: make(chan struct{}, 1),
 		errUserLimit: tooMany(fmt.Sprintf("too many open streams: at most %d per user; close one (another tab or device)", cfg.streamsPerUser),
 			10*time.Second),
@@ -339,6 +346,9 @@ func (h *Hub) dispatch(payload string) {
 		return
 	}
 	for _, n := range notes {
+		if n.Origin != "" && n.Origin == h.origin {
+			continue // delivered here when it was committed
+		}
 		h.dispatchOne(n)
 	}
 }

@@ -481,3 +481,55 @@ func testReadAndTypingReachOnlyTheOther(t *testing.T, bus testBus) {
 	resumed.expectNone(100 * time.Millisecond)
 	_ = m
 }
+
+// TestLocalDeliveryNeedsNoBus: the instance that commits an event writes it to its
+// own streams at once, without waiting for it to come back through the bus. With
+// the bus down (NATS shut down after the streams opened) and the periodic sync an
+// hour away, a message, a read receipt and a typing notice still reach the streams
+// on the committing instance, each exactly once.
+func TestLocalDeliveryNeedsNoBus(t *testing.T) {
+	t.Parallel()
+	nats := newNATSServer(t)
+	ts := newTestServer(t, "NATS_URL="+nats.URL(), "SSE_SYNC_INTERVAL=1h")
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := alice.startConversation(bob)
+	as, bs := alice.stream(""), bob.stream("")
+	nats.shutdown()
+
+	alice.send(conv.ID, "no bus needed")
+	for _, s := range []*sseStream{as, bs} {
+		if _, m := s.nextMessage(eventWait); m.Content != "no bus needed" {
+			t.Fatalf("got %q, want the message", m.Content)
+		}
+	}
+	bob.mustDo("POST", "/api/conversations/"+conv.ID+"/read_messages", nil, http.StatusNoContent, nil)
+	if ev := as.next(eventWait); ev.Event != "read" {
+		t.Fatalf("alice got %+v, want a read event", ev)
+	}
+	alice.mustDo("POST", "/api/conversations/"+conv.ID+"/typing", nil, http.StatusNoContent, nil)
+	if ev := bs.next(eventWait); ev.Event != "typing" {
+		t.Fatalf("bob got %+v, want a typing event", ev)
+	}
+	as.expectNone(300 * time.Millisecond)
+	bs.expectNone(100 * time.Millisecond)
+}
+
+// TestOwnNotificationsDeliveredOnce: an instance's own notifications come back to
+// it through LISTEN; it skips them, so a fleeting typing event (which has no
+// sequence number to tell a repeat by) is written once.
+func TestOwnNotificationsDeliveredOnce(t *testing.T) {
+	t.Parallel()
+	forEachBus(t, func(t *testing.T, bus testBus) {
+		ts := newTestServer(t, bus.env...)
+		alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+		conv := alice.startConversation(bob)
+		bs := bob.stream("")
+		for range 3 {
+			alice.mustDo("POST", "/api/conversations/"+conv.ID+"/typing", nil, http.StatusNoContent, nil)
+			if ev := bs.next(eventWait); ev.Event != "typing" {
+				t.Fatalf("bob got %+v, want a typing event", ev)
+			}
+			bs.expectNone(300 * time.Millisecond)
+		}
+	})
+}
