@@ -72,19 +72,30 @@ fi
 # The server's port: BENCH_PORT, or the first free one from 3999, chosen anew for
 # each start.
 taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-pick_port() {
-  if [ -n "${BENCH_PORT:-}" ]; then
-    port=$BENCH_PORT
-    return
-  fi
-  for p in $(seq 3999 4099); do
+# first_free FROM TO prints the first port from FROM to TO that nothing listens on.
+first_free() {
+  for p in $(seq "$1" "$2"); do
     if ! taken "$p"; then
-      port=$p
-      return
+      echo "$p"
+      return 0
     fi
   done
-  say "ports 3999 to 4099 are all taken: set BENCH_PORT"
-  exit 1
+  return 1
+}
+pick_port() {
+  port=${BENCH_PORT:-}
+  if [ -z "$port" ] && ! port=$(first_free 3999 4099); then
+    say "ports 3999 to 4099 are all taken: set BENCH_PORT"
+    exit 1
+  fi
+}
+# The server's profiler (PPROF_ADDR): BENCH_PPROF_PORT, or the first free one from 6060.
+pick_pprof_port() {
+  pprof_port=${BENCH_PPROF_PORT:-}
+  if [ -z "$pprof_port" ] && ! pprof_port=$(first_free 6060 6160); then
+    say "ports 6060 to 6160 are all taken: set BENCH_PPROF_PORT"
+    exit 1
+  fi
 }
 
 base=$(scripts/db.sh)
@@ -103,22 +114,6 @@ go build -o "$out/loadgen" ./bench/loadgen
 
 say "fresh database $db"
 psql "$admin" -v ON_ERROR_STOP=1 -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
-
-# The server's profiler: BENCH_PPROF_PORT, or the first free one from 6060.
-pick_pprof_port() {
-  if [ -n "${BENCH_PPROF_PORT:-}" ]; then
-    pprof_port=$BENCH_PPROF_PORT
-    return
-  fi
-  for p in $(seq 6060 6160); do
-    if ! taken "$p"; then
-      pprof_port=$p
-      return
-    fi
-  done
-  say "ports 6060 to 6160 are all taken: set BENCH_PPROF_PORT"
-  exit 1
-}
 
 server_pid=
 pprof_port=
@@ -203,6 +198,8 @@ start_server hubs
   -publishers "$hub_publishers" -saturation-seconds "$hub_saturation_seconds" \
   -pprof "http://127.0.0.1:$pprof_port" -pg-url "$admin" -dir "$out" -quiet-wait "$quiet_wait" -out "$out/hubs.json"
 stop_server
+# The server's CPU profiles: the top functions, and split into the steps of a send
+# (bench/pprof_steps.sh) per message sent at the phase's achieved rate.
 for phase in open saturation; do
   if [ -s "$out/cpu-$phase.pprof" ]; then
     { echo "# go tool pprof -top -nodecount=60 bench/out/messenger bench/out/cpu-$phase.pprof"
@@ -211,6 +208,8 @@ for phase in open saturation; do
       echo "# go tool pprof -top -cum -nodecount=80 bench/out/messenger bench/out/cpu-$phase.pprof"
       go tool pprof -top -cum -nodecount=80 "$out/messenger" "$out/cpu-$phase.pprof" 2>&1
     } >"$out/pprof-$phase.txt"
+    achieved=$(sed -n "/\"$phase\": {/,/}/s/.*\"perSecond\": \([0-9.]*\).*/\1/p" "$out/hubs.json" | head -n 1)
+    bench/pprof_steps.sh "$out/messenger" "$out/cpu-$phase.pprof" "$achieved" >"$out/pprof-steps-$phase.txt"
   fi
 done
 say "statement by statement inside PostgreSQL: $out/explain.txt, $out/send-steps.txt"
@@ -220,4 +219,18 @@ bench/send_steps.sh "$url" 20 >"$out/send-steps.txt" 2>&1 || say "bench/send_ste
 "$out/loadgen" report -dir "$out" -out "$out/results.md" \
   -pg-version "$(psql "$url" -tAc 'SHOW server_version')" \
   -commit "$(git describe --always --dirty 2>/dev/null || echo unknown)"
+{
+  for phase in open saturation; do
+    if [ -s "$out/pprof-steps-$phase.txt" ]; then
+      printf '\n### The server'"'"'s CPU per message, step by step: %s\n\n' "$phase"
+      printf '`bench/pprof_steps.sh bench/out/messenger bench/out/cpu-%s.pprof <msg/s>`: ' "$phase"
+      cat "$out/pprof-steps-$phase.txt"
+    fi
+  done
+  if [ -s "$out/send-steps.txt" ]; then
+    printf '\n### Inside PostgreSQL, step by step (`bench/send_steps.sh`, after the load)\n\n```\n'
+    cat "$out/send-steps.txt"
+    printf '```\n'
+  fi
+} >>"$out/results.md"
 say "table written to $out/results.md"

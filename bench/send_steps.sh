@@ -4,7 +4,9 @@
 # batches of 16, each BEGIN; SELECT … FROM send_messages(…); COMMIT as the server
 # runs it, with auto_explain (this session only) logging the duration of every
 # statement inside the function, and psql's \timing the client's view of each
-# round trip, the COMMIT (its WAL flush) included. Prints the median of each.
+# round trip, the COMMIT (its WAL flush) included, and of a NOTIFY of one message's
+# payload in a transaction of its own, as the server's notifier sends it (on a
+# channel nobody listens to). Prints the median of each.
 # These sends are stored: conversations 1 to 16 get a few hundred more messages.
 #
 #   bench/send_steps.sh DATABASE_URL [N]
@@ -26,6 +28,8 @@ content="'benchmark message content of ordinary length'"
     echo "SELECT count(*) FROM send_messages(ARRAY[$c::bigint], ARRAY[$((2 * c - 1))::bigint], ARRAY[$content], ARRAY['']);"
     echo '\echo @one: COMMIT'
     echo "COMMIT;"
+    echo '\echo @notify: SELECT pg_notify, in a transaction of its own, as the notifier sends it'
+    echo "SELECT pg_notify('bench_send_steps', '[{\"kind\":\"message\",\"to\":[[1,1],[2,1]],\"sender\":1,\"id\":\"1\",\"conversationId\":1,\"content\":\"benchmark message content of ordinary length\",\"createdAt\":1764500000000000}]');"
     echo '\echo @batch: BEGIN'
     echo "BEGIN;"
     echo '\echo @batch: SELECT FROM send_messages, 16 messages'
