@@ -27,7 +27,7 @@
 #
 # PostgreSQL is the one scripts/db.sh finds (DATABASE_URL, if set, names the
 # server; only its database name is replaced). The environment variables below
-# change the sizes; the defaults run in about five minutes on 2 cores.
+# change the sizes; the defaults run in about four minutes on a quiet 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
@@ -46,7 +46,7 @@ hub_rate_seconds=${BENCH_HUB_RATE_SECONDS:-20}
 hub_publishers=${BENCH_HUB_PUBLISHERS:-32}
 hub_saturation_seconds=${BENCH_HUB_SATURATION_SECONDS:-15}
 # Before each measurement, wait at most this long for the machine to calm down.
-quiet_wait=${BENCH_QUIET_WAIT:-10s}
+quiet_wait=${BENCH_QUIET_WAIT:-5s}
 port=
 db=${BENCH_DB:-messenger_bench}
 out=bench/out
