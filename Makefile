@@ -13,7 +13,7 @@ test: vet
 	@scripts/install.sh pgbouncer
 	@url=$$(scripts/db.sh) && DATABASE_URL="$$url" $(GO) test -race -count=1 -timeout 20m ./...
 
-## bench: sends and deliveries against the database's own limit (pgbench); writes bench/out/results.md
+## bench: sends and deliveries against the database's own limits (pgbench: the server's send and the article series' bare send), issue 15's closed and open loops, profiled; writes bench/out/results.md
 bench:
 	@bash bench/run.sh
 

@@ -6,18 +6,28 @@
 #   1. the server (started here on 127.0.0.1) signs in BENCH_USERS users and starts
 #      one conversation per pair, numbered for bench/send.sql, and as many for the
 #      BENCH_IDLE idle users; then it is stopped;
-#   2. the limit: pgbench runs the server's send transaction (bench/send.sql) with
-#      BENCH_SENDERS clients; then the NOTIFY comparison: the same with pg_notify
-#      inside the transaction, and with pg_notify in a transaction of its own after
-#      each send;
+#   2. the limits: pgbench runs the article series' bare send on its own copy of
+#      the series' tables (bench/series_schema.sql, bench/series_send.sql), then the
+#      server's send transaction (bench/send.sql), with BENCH_SENDERS clients; then
+#      the NOTIFY comparison: the same with pg_notify inside the transaction, and
+#      with pg_notify in a transaction of its own after each send;
 #   3. the server again: BENCH_SENDERS concurrent HTTP senders send BENCH_SENDS
 #      messages while every user reads their stream; then BENCH_IDLE idle streams
 #      are opened (memory per stream); then BENCH_RATE sends a second for
-#      BENCH_RATE_SECONDS with all those streams open.
+#      BENCH_RATE_SECONDS with all those streams open;
+#   4. issue 15's shapes, on a fresh start of the server (bench/loadgen hubs):
+#      BENCH_HUB_USERS users in pairs, each receiver holding a stream; a closed
+#      loop of BENCH_SENDERS senders and BENCH_SENDS sends; BENCH_HUB_IDLE idle
+#      streams; open loops at BENCH_HUB_RATE msg/s and at half the series' bare
+#      send, BENCH_HUB_RATE_SECONDS each; BENCH_HUB_PUBLISHERS closed-loop
+#      publishers for BENCH_HUB_SATURATION_SECONDS. The first open loop and the
+#      saturation are profiled: the server's CPU (pprof, bench/out/pprof-*.txt)
+#      and PostgreSQL's wait events; then bench/explain.sql times each statement of
+#      a send inside PostgreSQL (bench/out/explain.txt).
 #
 # PostgreSQL is the one scripts/db.sh finds (DATABASE_URL, if set, names the
 # server; only its database name is replaced). The environment variables below
-# change the sizes; the defaults run in about three minutes on 2 cores.
+# change the sizes; the defaults run in about four minutes on a quiet 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
@@ -29,6 +39,14 @@ idle=${BENCH_IDLE:-10000}
 rate=${BENCH_RATE:-1000}
 rate_seconds=${BENCH_RATE_SECONDS:-10}
 pg_seconds=${BENCH_PGBENCH_SECONDS:-10}
+hub_users=${BENCH_HUB_USERS:-200}
+hub_idle=${BENCH_HUB_IDLE:-5000}
+hub_rate=${BENCH_HUB_RATE:-500}
+hub_rate_seconds=${BENCH_HUB_RATE_SECONDS:-20}
+hub_publishers=${BENCH_HUB_PUBLISHERS:-32}
+hub_saturation_seconds=${BENCH_HUB_SATURATION_SECONDS:-15}
+# Before each measurement, wait at most this long for the machine to calm down.
+quiet_wait=${BENCH_QUIET_WAIT:-5s}
 port=
 db=${BENCH_DB:-messenger_bench}
 out=bench/out
@@ -54,19 +72,30 @@ fi
 # The server's port: BENCH_PORT, or the first free one from 3999, chosen anew for
 # each start.
 taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-pick_port() {
-  if [ -n "${BENCH_PORT:-}" ]; then
-    port=$BENCH_PORT
-    return
-  fi
-  for p in $(seq 3999 4099); do
+# first_free FROM TO prints the first port from FROM to TO that nothing listens on.
+first_free() {
+  for p in $(seq "$1" "$2"); do
     if ! taken "$p"; then
-      port=$p
-      return
+      echo "$p"
+      return 0
     fi
   done
-  say "ports 3999 to 4099 are all taken: set BENCH_PORT"
-  exit 1
+  return 1
+}
+pick_port() {
+  port=${BENCH_PORT:-}
+  if [ -z "$port" ] && ! port=$(first_free 3999 4099); then
+    say "ports 3999 to 4099 are all taken: set BENCH_PORT"
+    exit 1
+  fi
+}
+# The server's profiler (PPROF_ADDR): BENCH_PPROF_PORT, or the first free one from 6060.
+pick_pprof_port() {
+  pprof_port=${BENCH_PPROF_PORT:-}
+  if [ -z "$pprof_port" ] && ! pprof_port=$(first_free 6060 6160); then
+    say "ports 6060 to 6160 are all taken: set BENCH_PPROF_PORT"
+    exit 1
+  fi
 }
 
 base=$(scripts/db.sh)
@@ -78,7 +107,7 @@ url=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$db#" <<<"$base")
 admin=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/postgres#" <<<"$base")
 
 mkdir -p "$out"
-rm -f "$out"/*.json "$out"/*.log "$out/results.md"
+rm -f "$out"/*.json "$out"/*.log "$out"/*.pprof "$out"/*.txt "$out/results.md"
 say "building the server and the load generator"
 go build -o "$out/messenger" .
 go build -o "$out/loadgen" ./bench/loadgen
@@ -87,13 +116,15 @@ say "fresh database $db"
 psql "$admin" -v ON_ERROR_STOP=1 -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
 
 server_pid=
+pprof_port=
 # Starts the server and waits until it says it listens, so that the port is surely
 # ours and not another process's that took it since.
 start_server() { # name of the phase, for the log
   pick_port
+  pick_pprof_port
   log="$out/server-$1.log"
   : >"$log"
-  DATABASE_URL="$url" HOST=127.0.0.1 PORT="$port" DEV_LOGIN=true \
+  DATABASE_URL="$url" HOST=127.0.0.1 PORT="$port" DEV_LOGIN=true PPROF_ADDR="127.0.0.1:$pprof_port" \
     RATE_LIMIT_SENDS=off RATE_LIMIT_CONVERSATIONS=off RATE_LIMIT_LOGINS=off \
     "$out/messenger" >>"$log" 2>&1 &
   server_pid=$!
@@ -135,12 +166,17 @@ start_server setup
 "$out/loadgen" setup -url "http://127.0.0.1:$port" -users "$users" -idle "$setup_idle"
 stop_server # so that pgbench has the machine to itself
 
+say "the article series' tables, as many rows as the server's"
+PGOPTIONS="-c client_min_messages=warning" psql "$url" -v ON_ERROR_STOP=1 -q \
+  -v users=$((users + setup_idle)) -v convs=$(((users + setup_idle) / 2)) -f bench/series_schema.sql >/dev/null
+
 pgbench_run() { # name script
   settle
   say "pgbench $1: $2, $senders clients, ${pg_seconds}s"
-  "$out/loadgen" pgbench -name "$1" -script "$2" -clients "$senders" -threads 2 -seconds "$pg_seconds" \
+  "$out/loadgen" pgbench -name "$1" -script "$2" -clients "$senders" -threads 2 -seconds "$pg_seconds" -quiet-wait "$quiet_wait" \
     -define "nconv=$((users / 2))" -url "$url" -db "$db" -out "$out/pgbench-$1.json"
 }
+pgbench_run series bench/series_send.sql              # the series' bare send
 pgbench_run send bench/send.sql                       # the limit
 pgbench_run notify-intx bench/send_notify_intx.sql    # NOTIFY inside the transaction
 pgbench_run notify-after bench/send_notify_after.sql  # NOTIFY after the commit, one per send
@@ -150,10 +186,51 @@ say "the server: $senders senders, $sends sends, then $idle idle streams, then $
 start_server load
 "$out/loadgen" load -url "http://127.0.0.1:$port" -server-pid "$server_pid" -db "$db" \
   -users "$users" -senders "$senders" -sends "$sends" -idle "$idle" \
-  -rate "$rate" -rate-seconds "$rate_seconds" -out "$out/load.json"
+  -rate "$rate" -rate-seconds "$rate_seconds" -quiet-wait "$quiet_wait" -out "$out/load.json"
 stop_server
+
+settle
+say "issue 15's shapes: $hub_users users in pairs, closed loop, $hub_idle idle streams, open loops at $hub_rate/s and half the bare send, saturation"
+start_server hubs
+"$out/loadgen" hubs -url "http://127.0.0.1:$port" -server-pid "$server_pid" -db "$db" \
+  -users "$hub_users" -senders "$senders" -sends "$sends" -idle "$hub_idle" \
+  -rate "$hub_rate" -rate-seconds "$hub_rate_seconds" -series "$out/pgbench-series.json" \
+  -publishers "$hub_publishers" -saturation-seconds "$hub_saturation_seconds" \
+  -pprof "http://127.0.0.1:$pprof_port" -pg-url "$admin" -dir "$out" -quiet-wait "$quiet_wait" -out "$out/hubs.json"
+stop_server
+# The server's CPU profiles: the top functions, and split into the steps of a send
+# (bench/pprof_steps.sh) per message sent at the phase's achieved rate.
+for phase in open saturation; do
+  if [ -s "$out/cpu-$phase.pprof" ]; then
+    { echo "# go tool pprof -top -nodecount=60 bench/out/messenger bench/out/cpu-$phase.pprof"
+      go tool pprof -top -nodecount=60 "$out/messenger" "$out/cpu-$phase.pprof" 2>&1
+      echo
+      echo "# go tool pprof -top -cum -nodecount=80 bench/out/messenger bench/out/cpu-$phase.pprof"
+      go tool pprof -top -cum -nodecount=80 "$out/messenger" "$out/cpu-$phase.pprof" 2>&1
+    } >"$out/pprof-$phase.txt"
+    achieved=$(sed -n "/\"$phase\": {/,/}/s/.*\"perSecond\": \([0-9.]*\).*/\1/p" "$out/hubs.json" | head -n 1)
+    bench/pprof_steps.sh "$out/messenger" "$out/cpu-$phase.pprof" "$achieved" >"$out/pprof-steps-$phase.txt"
+  fi
+done
+say "statement by statement inside PostgreSQL: $out/explain.txt, $out/send-steps.txt"
+psql "$url" -X -f bench/explain.sql >"$out/explain.txt" 2>&1 || say "bench/explain.sql failed: see $out/explain.txt"
+bench/send_steps.sh "$url" 20 >"$out/send-steps.txt" 2>&1 || say "bench/send_steps.sh failed: see $out/send-steps.txt"
 
 "$out/loadgen" report -dir "$out" -out "$out/results.md" \
   -pg-version "$(psql "$url" -tAc 'SHOW server_version')" \
   -commit "$(git describe --always --dirty 2>/dev/null || echo unknown)"
+{
+  for phase in open saturation; do
+    if [ -s "$out/pprof-steps-$phase.txt" ]; then
+      printf '\n### The server'"'"'s CPU per message, step by step: %s\n\n' "$phase"
+      printf '`bench/pprof_steps.sh bench/out/messenger bench/out/cpu-%s.pprof <msg/s>`: ' "$phase"
+      cat "$out/pprof-steps-$phase.txt"
+    fi
+  done
+  if [ -s "$out/send-steps.txt" ]; then
+    printf '\n### Inside PostgreSQL, step by step (`bench/send_steps.sh`, after the load)\n\n```\n'
+    cat "$out/send-steps.txt"
+    printf '```\n'
+  fi
+} >>"$out/results.md"
 say "table written to $out/results.md"

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -31,22 +32,48 @@ type loadResult struct {
 // phaseStats describes one phase of sends and their deliveries. Times are in
 // milliseconds.
 type phaseStats struct {
-	Streams      int      `json:"streams"` // open while it ran
-	Senders      int      `json:"senders"`
-	TargetRate   float64  `json:"targetRate"` // sends a second asked for; 0: as fast as possible
-	Attempted    int      `json:"attempted"`
-	Created      int      `json:"created"` // answered 201
-	Failed       int      `json:"failed"`  // any other answer, or none
-	Seconds      float64  `json:"seconds"` // first send to last answer
-	PerSecond    float64  `json:"perSecond"`
-	SendP50      float64  `json:"sendP50"`
-	SendP99      float64  `json:"sendP99"`
-	DeliveryP50  float64  `json:"deliveryP50"`
-	DeliveryP99  float64  `json:"deliveryP99"`
-	DeliveryMax  float64  `json:"deliveryMax"`
-	LostReceiver int      `json:"lostReceiver"` // 201 messages that never reached the receiver's stream
-	LostSender   int      `json:"lostSender"`   // nor the sender's own stream
-	CPU          cpuSplit `json:"cpu"`
+	Streams      int       `json:"streams"` // open while it ran
+	Senders      int       `json:"senders"`
+	TargetRate   float64   `json:"targetRate"` // sends a second asked for; 0: as fast as possible
+	Attempted    int       `json:"attempted"`
+	Created      int       `json:"created"` // answered 201
+	Failed       int       `json:"failed"`  // any other answer, or none
+	Seconds      float64   `json:"seconds"` // first send to last answer
+	PerSecond    float64   `json:"perSecond"`
+	SendP50      float64   `json:"sendP50"`
+	SendP99      float64   `json:"sendP99"`
+	DeliveryP50  float64   `json:"deliveryP50"`
+	DeliveryP99  float64   `json:"deliveryP99"`
+	DeliveryMax  float64   `json:"deliveryMax"`
+	LostReceiver int       `json:"lostReceiver"` // 201 messages that never reached the receiver's stream
+	LostSender   int       `json:"lostSender"`   // nor the sender's own stream (when it has one)
+	Duplicates   int       `json:"duplicates"`   // this phase's messages read twice on one stream
+	CPU          cpuSplit  `json:"cpu"`
+	Waits        waitTally `json:"waits,omitempty"` // PostgreSQL's wait events, when sampled
+}
+
+// cpuPer1000 returns the CPU seconds that the server and PostgreSQL spent per
+// 1,000 messages created in the phase.
+func (ps phaseStats) cpuPer1000() (server, postgres float64) {
+	if ps.Created == 0 {
+		return 0, 0
+	}
+	f := ps.CPU.Seconds / float64(ps.Created) * 1000
+	return ps.CPU.Server * f, ps.CPU.Postgres * f
+}
+
+// phaseSpec says how a phase sends: workers goroutines send count messages, or,
+// with duration > 0, for that long; with rate > 0 the sends start at that many a
+// second (an open loop), otherwise each worker sends again as soon as it is
+// answered (a closed loop). profile, when set, profiles the phase.
+type phaseSpec struct {
+	workers  int
+	count    int
+	rate     float64
+	duration time.Duration
+	grace    time.Duration
+	profile  *profiler
+	name     string // of the profile files
 }
 
 // idleStats is the memory the server holds for idle streams.
@@ -67,43 +94,72 @@ type loadRun struct {
 	meter     cpuMeter
 	serverPid int
 
-	users         []string // tokens of the active users, by index
-	conversations []int64  // conversation i is between users 2i and 2i+1
-	streams       []*eventStream
+	users         []string       // tokens of the active users, by index
+	conversations []int64        // conversation i is between users 2i and 2i+1
+	streams       []*eventStream // by user index; nil for a user without a stream
 	idle          []*eventStream
+	oneWay        bool         // the first user of each pair sends, the second receives
 	delivered     atomic.Int64 // message events read, on every stream
+}
+
+// serverFlags are the flags of the subcommands that load a running server.
+type serverFlags struct {
+	base      *string
+	serverPid *int
+	db        *string
+	users     *int
+	senders   *int
+	sends     *int
+	idle      *int
+	warmup    *int
+	grace     *time.Duration
+	quiet     quietFlags
+}
+
+func addServerFlags(fs *flag.FlagSet, users, idle int, usersHelp string) serverFlags {
+	return serverFlags{
+		base:      fs.String("url", "http://127.0.0.1:3999", "the server"),
+		serverPid: fs.Int("server-pid", 0, "the server's process id, for its CPU time and memory"),
+		db:        fs.String("db", "messenger_bench", "the server's database, for PostgreSQL's CPU time"),
+		users:     fs.Int("users", users, usersHelp),
+		senders:   fs.Int("senders", 16, "concurrent senders of the closed loop"),
+		sends:     fs.Int("sends", 20000, "messages the closed loop sends, as fast as it is answered"),
+		idle:      fs.Int("idle", idle, "idle streams to open"),
+		warmup:    fs.Int("warmup", 500, "sends before measuring, to warm the server's pool and caches"),
+		grace:     fs.Duration("grace", 5*time.Second, "how long to wait for the last deliveries"),
+		quiet:     addQuietFlags(fs),
+	}
+}
+
+// newLoadRun checks the flags and returns the run they describe, once the server
+// answers.
+func (f serverFlags) newLoadRun(ctx context.Context, conns int) (*loadRun, error) {
+	if *f.serverPid <= 0 {
+		return nil, errors.New("-server-pid is required")
+	}
+	if *f.users < 2 || *f.users%2 != 0 {
+		return nil, fmt.Errorf("-users %d: want an even number of at least 2", *f.users)
+	}
+	l := &loadRun{
+		c:         newClient(*f.base, max(*f.senders, conns)),
+		meter:     cpuMeter{db: *f.db, serverPid: *f.serverPid, loadPid: os.Getpid()},
+		serverPid: *f.serverPid,
+	}
+	return l, l.c.waitReady(ctx, 30*time.Second)
 }
 
 func runLoad(ctx context.Context, args []string) error {
 	fs := newFlags("load")
-	base := fs.String("url", "http://127.0.0.1:3999", "the server")
-	serverPid := fs.Int("server-pid", 0, "the server's process id, for its CPU time and memory")
-	db := fs.String("db", "messenger_bench", "the server's database, for PostgreSQL's CPU time")
-	users := fs.Int("users", 1000, "active users (even), each with one stream")
-	senders := fs.Int("senders", 16, "concurrent senders")
-	sends := fs.Int("sends", 20000, "messages to send as fast as possible")
-	idle := fs.Int("idle", 10000, "idle streams to open")
+	sf := addServerFlags(fs, 1000, 10000, "active users (even), each with one stream")
+	users, senders, sends, idle, warmup, grace, quiet := sf.users, sf.senders, sf.sends, sf.idle, sf.warmup, sf.grace, sf.quiet
 	rate := fs.Float64("rate", 1000, "sends a second in the fixed-rate phase")
 	rateSeconds := fs.Float64("rate-seconds", 10, "length of the fixed-rate phase")
-	warmup := fs.Int("warmup", 500, "sends before measuring, to warm the server's pool and caches")
-	grace := fs.Duration("grace", 5*time.Second, "how long to wait for the last deliveries")
 	out := fs.String("out", "bench/out/load.json", "where to write the results")
-	quiet := addQuietFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if *serverPid <= 0 {
-		return errors.New("-server-pid is required")
-	}
-	if *users < 2 || *users%2 != 0 {
-		return fmt.Errorf("-users %d: want an even number of at least 2", *users)
-	}
-	l := &loadRun{
-		c:         newClient(*base, max(*senders, 64)),
-		meter:     cpuMeter{db: *db, serverPid: *serverPid, loadPid: os.Getpid()},
-		serverPid: *serverPid,
-	}
-	if err := l.c.waitReady(ctx, 30*time.Second); err != nil {
+	l, err := sf.newLoadRun(ctx, 64)
+	if err != nil {
 		return err
 	}
 	streamCtx, closeStreams := context.WithCancel(ctx)
@@ -111,20 +167,19 @@ func runLoad(ctx context.Context, args []string) error {
 	res := loadResult{Users: *users}
 
 	start := time.Now()
-	if err := l.prepare(ctx, streamCtx, *users); err != nil {
+	if err := l.prepare(ctx, streamCtx, *users, false); err != nil {
 		return err
 	}
 	logf("%d users signed in, %d conversations, %d streams open (%.1fs)", *users, len(l.conversations), len(l.streams), time.Since(start).Seconds())
 
-	if _, err := l.phase(ctx, *senders, *warmup, 0, *grace); err != nil {
+	if _, err := l.phase(ctx, phaseSpec{workers: *senders, count: *warmup, grace: *grace}); err != nil {
 		return err
 	}
 	// The machine at rest, to tell the benchmark's load from other work.
-	var err error
 	if res.Background, err = quiet.wait(); err != nil {
 		return err
 	}
-	if res.Send, err = l.phase(ctx, *senders, *sends, 0, *grace); err != nil {
+	if res.Send, err = l.phase(ctx, phaseSpec{workers: *senders, count: *sends, grace: *grace}); err != nil {
 		return err
 	}
 	logf("send: %.0f sends/s, send p50 %.1fms p99 %.1fms, delivery p50 %.1fms p99 %.1fms max %.1fms, lost %d/%d",
@@ -141,7 +196,7 @@ func runLoad(ctx context.Context, args []string) error {
 	if _, err := quiet.wait(); err != nil {
 		return err
 	}
-	if res.Rate, err = l.phase(ctx, 64, count, *rate, *grace); err != nil {
+	if res.Rate, err = l.phase(ctx, phaseSpec{workers: 64, count: count, rate: *rate, grace: *grace}); err != nil {
 		return err
 	}
 	logf("rate: %d streams, %.0f sends/s (asked %.0f), delivery p50 %.1fms p99 %.1fms max %.1fms, lost %d/%d",
@@ -149,20 +204,13 @@ func runLoad(ctx context.Context, args []string) error {
 		res.Rate.LostReceiver, res.Rate.LostSender)
 
 	closeStreams()
-	all := append(slices.Clone(l.streams), l.idle...)
-	timeout := time.After(10 * time.Second)
-	for _, st := range all {
-		select {
-		case <-st.done:
-		case <-timeout:
-			return errors.New("streams still open 10s after closing them")
-		}
-		res.Reconnects += int(st.reconnects.Load())
-		if st.failed != nil {
-			res.Failures++
-		}
+	if res.Reconnects, res.Failures, err = l.streamsEnded(); err != nil {
+		return err
 	}
 	for _, st := range l.streams {
+		if st == nil {
+			continue
+		}
 		seen := make(map[int64]bool)
 		for _, r := range st.receipts() {
 			if seen[r.id] {
@@ -175,9 +223,31 @@ func runLoad(ctx context.Context, args []string) error {
 	return writeJSON(*out, res)
 }
 
+// streamsEnded waits for every stream to end after their context was cancelled and
+// counts their reconnects and the streams that failed.
+func (l *loadRun) streamsEnded() (reconnects, failures int, err error) {
+	timeout := time.After(10 * time.Second)
+	for _, st := range append(slices.Clone(l.streams), l.idle...) {
+		if st == nil {
+			continue
+		}
+		select {
+		case <-st.done:
+		case <-timeout:
+			return reconnects, failures, errors.New("streams still open 10s after closing them")
+		}
+		reconnects += int(st.reconnects.Load())
+		if st.failed != nil {
+			failures++
+		}
+	}
+	return reconnects, failures, nil
+}
+
 // prepare signs in the active users, finds their conversations (which setup
-// created) and opens one stream for each user, read until streamCtx is done.
-func (l *loadRun) prepare(ctx, streamCtx context.Context, users int) error {
+// created) and opens one stream for each user, or with receiversOnly for the
+// second of each pair only, read until streamCtx is done.
+func (l *loadRun) prepare(ctx, streamCtx context.Context, users int, receiversOnly bool) error {
 	l.users = make([]string, users)
 	err := parallel(ctx, users, 16, func(ctx context.Context, i int) error {
 		_, token, err := l.c.login(ctx, activeName(i))
@@ -198,6 +268,9 @@ func (l *loadRun) prepare(ctx, streamCtx context.Context, users int) error {
 	}
 	l.streams = make([]*eventStream, users)
 	return parallel(ctx, users, 32, func(ctx context.Context, i int) error {
+		if receiversOnly && i%2 == 0 {
+			return nil
+		}
 		st, err := l.c.openStream(streamCtx, l.users[i], &l.delivered)
 		l.streams[i] = st
 		return err
@@ -214,44 +287,25 @@ type sendRecord struct {
 	id       int64
 }
 
-// phase sends count messages from workers goroutines, each from a random user of
-// a random conversation to the other participant; with rate > 0 the sends start at
-// that many a second, otherwise each worker sends again as soon as it is answered.
-// It then waits at most grace for every message to reach both streams.
-func (l *loadRun) phase(ctx context.Context, workers, count int, rate float64, grace time.Duration) (phaseStats, error) {
-	ps := phaseStats{Streams: len(l.streams) + len(l.idle), Senders: workers, TargetRate: rate, Attempted: count}
-	jobs := make(chan struct{}, count)
-	if rate <= 0 {
-		for range count {
-			jobs <- struct{}{}
-		}
-		close(jobs)
-	}
+// phase sends messages as spec says, each from a random user of a random
+// conversation (with oneWay, from its first user) to the other participant. It
+// then waits at most spec.grace for every message to reach the streams of both.
+func (l *loadRun) phase(ctx context.Context, spec phaseSpec) (phaseStats, error) {
+	ps := phaseStats{Streams: l.openStreams(), Senders: spec.workers, TargetRate: spec.rate, Attempted: spec.count}
 	deliveredBefore := l.delivered.Load()
 	a, err := l.meter.sample()
 	if err != nil {
 		return ps, err
 	}
 	begin := time.Now()
-	if rate > 0 {
-		go func() {
-			defer close(jobs)
-			for i := range count {
-				due := begin.Add(time.Duration(float64(i) / rate * float64(time.Second)))
-				if d := time.Until(due); d > 0 {
-					select {
-					case <-ctx.Done():
-						return
-					case <-time.After(d):
-					}
-				}
-				jobs <- struct{}{}
-			}
-		}()
+	jobs := l.schedule(ctx, spec, begin)
+	var stopProfile func() error
+	if spec.profile != nil {
+		stopProfile = spec.profile.start(ctx, spec.name)
 	}
-	records := make([][]sendRecord, workers)
+	records := make([][]sendRecord, spec.workers)
 	var wg sync.WaitGroup
-	for w := range workers {
+	for w := range spec.workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -262,6 +316,9 @@ func (l *loadRun) phase(ctx context.Context, workers, count int, rate float64, g
 				}
 				conv := rnd.IntN(len(l.conversations))
 				side := rnd.IntN(2)
+				if l.oneWay {
+					side = 0
+				}
 				r := sendRecord{from: 2*conv + side, to: 2*conv + 1 - side, start: time.Now()}
 				sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 				status, id, err := l.c.send(sctx, l.users[r.from], l.conversations[conv])
@@ -280,6 +337,12 @@ func (l *loadRun) phase(ctx context.Context, workers, count int, rate float64, g
 	if err != nil {
 		return ps, err
 	}
+	if stopProfile != nil {
+		if err := stopProfile(); err != nil {
+			return ps, err
+		}
+		ps.Waits = spec.profile.waits[spec.name]
+	}
 	if ctx.Err() != nil {
 		return ps, ctx.Err()
 	}
@@ -287,6 +350,7 @@ func (l *loadRun) phase(ctx context.Context, workers, count int, rate float64, g
 	ps.Seconds = end.Sub(begin).Seconds()
 
 	all := slices.Concat(records...)
+	ps.Attempted = len(all)
 	var took []time.Duration
 	for _, r := range all {
 		if r.status == http.StatusCreated {
@@ -299,41 +363,118 @@ func (l *loadRun) phase(ctx context.Context, workers, count int, rate float64, g
 	ps.PerSecond = float64(ps.Created) / ps.Seconds
 	ps.SendP50, ps.SendP99 = ms(percentile(took, 50)), ms(percentile(took, 99))
 
-	want := deliveredBefore + 2*int64(ps.Created)
-	deadline := time.Now().Add(grace)
+	perSend := int64(2)
+	if l.oneWay && l.streams[0] == nil {
+		perSend = 1 // senders hold no stream
+	}
+	want := deliveredBefore + perSend*int64(ps.Created)
+	deadline := time.Now().Add(spec.grace)
 	for l.delivered.Load() < want && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	received := make([]map[int64]time.Time, len(l.streams))
-	got := func(user int, id int64) (time.Time, bool) {
+	// For each stream, when it first read each message, and how often.
+	type seen struct {
+		at time.Time
+		n  int
+	}
+	received := make([]map[int64]*seen, len(l.streams))
+	got := func(user int, id int64) (*seen, bool) {
 		if received[user] == nil {
-			received[user] = make(map[int64]time.Time)
+			received[user] = make(map[int64]*seen)
 			for _, r := range l.streams[user].receipts() {
-				if _, dup := received[user][r.id]; !dup {
-					received[user][r.id] = r.at
+				if s := received[user][r.id]; s != nil {
+					s.n++
+				} else {
+					received[user][r.id] = &seen{at: r.at, n: 1}
 				}
 			}
 		}
-		t, ok := received[user][id]
-		return t, ok
+		s, ok := received[user][id]
+		return s, ok
 	}
 	var delivery []time.Duration
 	for _, r := range all {
 		if r.status != http.StatusCreated {
 			continue
 		}
-		if at, ok := got(r.to, r.id); ok {
-			delivery = append(delivery, at.Sub(r.start))
+		if s, ok := got(r.to, r.id); ok {
+			delivery = append(delivery, s.at.Sub(r.start))
+			ps.Duplicates += s.n - 1
 		} else {
 			ps.LostReceiver++
 		}
-		if _, ok := got(r.from, r.id); !ok {
+		if l.streams[r.from] == nil {
+			continue
+		}
+		if s, ok := got(r.from, r.id); ok {
+			ps.Duplicates += s.n - 1
+		} else {
 			ps.LostSender++
 		}
 	}
 	ps.DeliveryP50, ps.DeliveryP99 = ms(percentile(delivery, 50)), ms(percentile(delivery, 99))
 	ps.DeliveryMax = ms(percentile(delivery, 100))
 	return ps, nil
+}
+
+// schedule returns the channel that tells the workers of a phase to send: spec.count
+// tokens, or with spec.duration as many as the workers take for that long; with
+// spec.rate each one at its time from begin. It is closed when the phase is over.
+func (l *loadRun) schedule(ctx context.Context, spec phaseSpec, begin time.Time) <-chan struct{} {
+	count := spec.count
+	if spec.duration > 0 && spec.rate > 0 {
+		count = int(spec.rate * spec.duration.Seconds())
+	}
+	if spec.rate <= 0 && spec.duration <= 0 {
+		jobs := make(chan struct{}, count)
+		for range count {
+			jobs <- struct{}{}
+		}
+		close(jobs)
+		return jobs
+	}
+	jobs := make(chan struct{}, max(count, 0))
+	if spec.rate <= 0 { // closed loop for spec.duration
+		jobs = make(chan struct{})
+	}
+	go func() {
+		defer close(jobs)
+		if spec.rate <= 0 {
+			stop := time.After(spec.duration)
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-stop:
+					return
+				case jobs <- struct{}{}:
+				}
+			}
+		}
+		for i := range count {
+			due := begin.Add(time.Duration(float64(i) / spec.rate * float64(time.Second)))
+			if d := time.Until(due); d > 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(d):
+				}
+			}
+			jobs <- struct{}{}
+		}
+	}()
+	return jobs
+}
+
+// openStreams counts the streams open now.
+func (l *loadRun) openStreams() int {
+	n := len(l.idle)
+	for _, st := range l.streams {
+		if st != nil {
+			n++
+		}
+	}
+	return n
 }
 
 // idleStreams signs in n idle users and opens one stream for each, and measures how

@@ -7,6 +7,9 @@
 //	                second and where the CPU went
 //	loadgen load    loads a running server: sends through HTTP while every user
 //	                reads their event stream, then idle streams, then a fixed rate
+//	loadgen hubs    loads a running server in the shapes of issue 15: a closed loop
+//	                against pgbench's bare send, idle streams, open loops at fixed
+//	                rates (profiled), and saturation
 //	loadgen report  prints the results as one table and writes bench/out/results.md
 //	loadgen quiet   waits, a bounded time, for the machine to be idle
 //	loadgen flood   sends requests with made-up methods and paths and reports the
@@ -45,7 +48,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: loadgen setup|pgbench|load|report|quiet|flood [flags]")
+		return errors.New("usage: loadgen setup|pgbench|load|hubs|report|quiet|flood [flags]")
 	}
 	switch args[0] {
 	case "setup":
@@ -54,6 +57,8 @@ func run(ctx context.Context, args []string) error {
 		return runPgbench(ctx, args[1:])
 	case "load":
 		return runLoad(ctx, args[1:])
+	case "hubs":
+		return runHubs(ctx, args[1:])
 	case "report":
 		return runReport(args[1:])
 	case "quiet":
@@ -61,7 +66,7 @@ func run(ctx context.Context, args []string) error {
 	case "flood":
 		return runFlood(ctx, args[1:])
 	}
-	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, load, report, quiet or flood", args[0])
+	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, load, hubs, report, quiet or flood", args[0])
 }
 
 // newFlags returns the flag set of a subcommand.

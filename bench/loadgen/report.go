@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -38,7 +39,7 @@ func runReport(args []string) error {
 		return err
 	}
 	runs := map[string]*pgbenchResult{}
-	for _, name := range []string{"send", "notify-intx", "notify-after"} {
+	for _, name := range []string{"send", "notify-intx", "notify-after", "series"} {
 		var r pgbenchResult
 		err := readJSON(filepath.Join(*dir, "pgbench-"+name+".json"), &r)
 		if errors.Is(err, fs.ErrNotExist) && name != "send" {
@@ -50,6 +51,14 @@ func runReport(args []string) error {
 		runs[name] = &r
 	}
 	md := report(load, runs, machine(*pgVersion, *commit))
+	var hubs hubsResult
+	err := readJSON(filepath.Join(*dir, "hubs.json"), &hubs)
+	switch {
+	case err == nil:
+		md += reportHubs(hubs, runs["series"])
+	case !errors.Is(err, fs.ErrNotExist):
+		return err
+	}
 	fmt.Print(md)
 	return os.WriteFile(*out, []byte(md), 0o644)
 }
@@ -171,6 +180,111 @@ func report(load loadResult, runs map[string]*pgbenchResult, machine string) str
 		p("\nCPU per send: pgbench (b) %.0f µs in PostgreSQL; server run %.0f µs in PostgreSQL + %.0f µs in the server + %.0f µs in the load generator.\n",
 			1e6*limit.CPU.Postgres/limit.TPS, 1e6*send.CPU.Postgres/send.PerSecond, 1e6*send.CPU.Server/send.PerSecond,
 			1e6*send.CPU.Load/send.PerSecond)
+	}
+	return b.String()
+}
+
+// The goals of issue 15.
+const (
+	goalRatio      = 1.0 // server msg/s ÷ the series' bare send, closed loop and saturation
+	goalOpenP50    = 1.5 // ms, delivery in the open loops
+	goalOpenP99    = 10.0
+	goalCPUPer1000 = 1.0 // s, server + PostgreSQL, in the open loops
+	goalKBPerIdle  = 9.9
+)
+
+// reportHubs is the table of issue 15's shapes: against the article series' bare
+// send (pgbench in the same run), and those of the realtime hubs comparison.
+func reportHubs(h hubsResult, series *pgbenchResult) string {
+	var b strings.Builder
+	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	tps := h.SeriesTPS
+	if series != nil {
+		tps = series.TPS
+	}
+	ratio := func(v float64) string {
+		if tps <= 0 {
+			return "—"
+		}
+		return fmt.Sprintf("%.2f", v/tps)
+	}
+	lostDup := func(ps phaseStats) string {
+		return fmt.Sprintf("%d / %d", ps.LostReceiver+ps.LostSender, ps.Duplicates)
+	}
+	ok := func(ps phaseStats) bool { return ps.LostReceiver+ps.LostSender+ps.Duplicates+ps.Failed == 0 }
+	p("\n### Issue 15: against the series' bare send, and the hubs' shapes\n\n")
+	p("%d users in %d pairs; the second of each pair holds a stream and the first sends to it. Before the run the machine was %.2f of %d cores busy with other work.\n\n",
+		h.Users, h.Users/2, h.Background.Machine, h.Background.Cores)
+	p("| measure | result | goal | |\n| --- | --- | --- | --- |\n")
+	if series != nil {
+		p("| the series' bare send: pgbench on `bench/series_send.sql`, %d clients, prepared, %ds | %s tx/s (seconds from %s to %s; avg %.1f ms) | | |\n",
+			series.Clients, series.Seconds, num(series.TPS), num(series.MinTPS), num(series.MaxTPS), series.LatencyMs)
+		p("| the series' bare send: CPU per 1,000 transactions, PostgreSQL | %.2f s | | |\n", series.CPU.Postgres/series.TPS*1000)
+	}
+	c := h.Closed
+	p("| closed loop: %d senders, %s sends | %s msg/s, %s× the bare send | ≥ %.1f× | %s |\n",
+		c.Senders, num(float64(c.Attempted)), num(c.PerSecond), ratio(c.PerSecond), goalRatio, verdict(tps > 0 && c.PerSecond >= goalRatio*tps))
+	p("| closed loop: send p50 / p99; delivery p50 / p99 / max | %.1f / %.1f ms; %.1f / %.1f / %.1f ms | | |\n",
+		c.SendP50, c.SendP99, c.DeliveryP50, c.DeliveryP99, c.DeliveryMax)
+	srv, pg := c.cpuPer1000()
+	p("| closed loop: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f s | | |\n", srv, pg)
+	p("| closed loop: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", c.Failed, lostDup(c), verdict(ok(c)))
+	i := h.Idle
+	p("| idle streams: %s, VmRSS %s → %s KB | %.1f KB a stream (Go heap %.1f, stacks %.1f) | ≤ %.1f KB | %s |\n",
+		num(float64(i.Streams)), num(float64(i.RSSBeforeKB)), num(float64(i.RSSAfterKB)), i.KBPerStream,
+		i.HeapKBPerStream, i.StackKBPerStream, goalKBPerIdle, verdict(i.KBPerStream <= goalKBPerIdle))
+	for _, o := range []phaseStats{h.Open, h.OpenHalf} {
+		if o.TargetRate == 0 {
+			continue
+		}
+		srv, pg := o.cpuPer1000()
+		p("| open loop at %s msg/s (%.0f achieved), %d streams: delivery p50 / p99 / max | %.1f / %.1f / %.1f ms | ≤ %.1f / ≤ %.0f ms | %s |\n",
+			num(o.TargetRate), o.PerSecond, o.Streams, o.DeliveryP50, o.DeliveryP99, o.DeliveryMax, goalOpenP50, goalOpenP99,
+			verdict(o.DeliveryP50 <= goalOpenP50 && o.DeliveryP99 <= goalOpenP99))
+		p("| open loop at %s msg/s: send p50 / p99 | %.1f / %.1f ms | | |\n", num(o.TargetRate), o.SendP50, o.SendP99)
+		p("| open loop at %s msg/s: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f = %.2f s | ≤ %.1f s | %s |\n",
+			num(o.TargetRate), srv, pg, srv+pg, goalCPUPer1000, verdict(srv+pg <= goalCPUPer1000))
+		p("| open loop at %s msg/s: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", num(o.TargetRate), o.Failed, lostDup(o), verdict(ok(o)))
+	}
+	s := h.Saturation
+	srv, pg = s.cpuPer1000()
+	p("| saturation: %d closed-loop publishers for %.0f s | %s msg/s, %s× the bare send | ≥ %.1f× | %s |\n",
+		s.Senders, s.Seconds, num(s.PerSecond), ratio(s.PerSecond), goalRatio, verdict(tps > 0 && s.PerSecond >= goalRatio*tps))
+	p("| saturation: send p50 / p99; delivery p50 / p99 | %.1f / %.1f ms; %.1f / %.1f ms | | |\n",
+		s.SendP50, s.SendP99, s.DeliveryP50, s.DeliveryP99)
+	p("| saturation: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f s | | |\n", srv, pg)
+	p("| saturation: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", s.Failed, lostDup(s), verdict(ok(s)))
+	p("| streams reconnected / failed | %d / %d | 0 / 0 | %s |\n", h.Reconnects, h.Failures, verdict(h.Failures == 0))
+
+	p("\nWhere the CPU went in these phases (cores busy on average, of %d):\n\n", h.Background.Cores)
+	p("| phase | PostgreSQL | server | load generator | other | whole machine |\n| --- | --- | --- | --- | --- | --- |\n")
+	type named struct {
+		name string
+		ps   phaseStats
+	}
+	for _, ph := range []named{{"closed loop", h.Closed}, {"open loop", h.Open}, {"open loop, half the bare send", h.OpenHalf}, {"saturation", h.Saturation}} {
+		if ph.ps.Created == 0 {
+			continue
+		}
+		cu := ph.ps.CPU
+		p("| %s | %.2f | %.2f | %.2f | %.2f | %.2f |\n", ph.name, cu.Postgres, cu.Server, cu.Load, cu.other(), cu.Machine)
+	}
+	for _, ph := range []named{{fmt.Sprintf("the open loop at %s msg/s", num(h.Open.TargetRate)), h.Open}, {"saturation", h.Saturation}} {
+		w := ph.ps.Waits
+		if w.Samples == 0 {
+			continue
+		}
+		p("\nPostgreSQL's client backends for the bench database during %s, from %d samples of `pg_stat_activity` (backends in each state, on average):\n\n",
+			ph.name, w.Samples)
+		p("| state / wait event | backends |\n| --- | --- |\n")
+		keys := make([]string, 0, len(w.Seen))
+		for k := range w.Seen {
+			keys = append(keys, k)
+		}
+		slices.SortFunc(keys, func(a, b string) int { return w.Seen[b] - w.Seen[a] })
+		for _, k := range keys {
+			p("| %s | %.2f |\n", k, float64(w.Seen[k])/float64(w.Samples))
+		}
 	}
 	return b.String()
 }
