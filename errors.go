@@ -135,9 +135,14 @@ func (s *server) respondError(w http.ResponseWriter, r *http.Request, err error)
 // front end of the article series, which reads it (docs/api.md, "Differences from
 // the original front end").
 func respondJSONError(w http.ResponseWriter, status int, msg string, fields map[string]string) {
-	respond(w, status, struct {
+	respond(w, status, errorBody(msg, fields))
+}
+
+// errorBody is the JSON body of an error answer.
+func errorBody(msg string, fields map[string]string) any {
+	return struct {
 		Error   string            `json:"error"`
 		Message string            `json:"message"`
 		Errors  map[string]string `json:"errors,omitempty"`
-	}{msg, msg, fields})
+	}{msg, msg, fields}
 }

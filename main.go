@@ -72,6 +72,10 @@ type config struct {
 
 	dbMaxConns int
 
+	connMax        int           // open client connections, all addresses together
+	connMaxPerAddr int           // open client connections from one address; 0: no cap
+	idleTimeout    time.Duration // how long an idle keep-alive connection stays open
+
 	rateSends         rateSpec
 	rateConversations rateSpec
 	rateLogins        rateSpec
@@ -156,6 +160,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.streamsMax, err = parseInt(getenv, "STREAMS_MAX", defaultStreamsMax(cfg.dbMaxConns)); err != nil {
+		return cfg, err
+	}
+	if cfg.connMax, err = parseInt(getenv, "CONN_MAX", defaultConnMax(cfg.dbMaxConns)); err != nil {
+		return cfg, err
+	}
+	if cfg.connMaxPerAddr, err = parseConnMaxPerAddr(getenv); err != nil {
+		return cfg, err
+	}
+	if cfg.idleTimeout, err = parseDuration(getenv, "HTTP_IDLE_TIMEOUT", 75*time.Second); err != nil {
 		return cfg, err
 	}
 	if cfg.replayMax, err = parseInt(getenv, "REPLAY_MAX", 1000); err != nil {
@@ -267,6 +280,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		defer stop()
 		fmt.Fprintf(stdout, "messenger serving /metrics on http://%s\n", cfg.metricsAddr)
 	}
+	ln = newConnLimiter(ln, cfg.connMaxPerAddr, cfg.connMax, srv.trusted, srv.metrics)
 	fmt.Fprintf(stdout, "messenger listening on http://%s\n", ln.Addr())
 	return srv.serve(ctx, ln)
 }
@@ -367,7 +381,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		Handler:           s.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
-		IdleTimeout:       120 * time.Second,
+		IdleTimeout:       cfg.idleTimeout,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
 		// No WriteTimeout: it would end every event stream. Streams set a deadline

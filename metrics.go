@@ -29,6 +29,8 @@ type metrics struct {
 	busReconnects      prometheus.Counter
 	busSlow            prometheus.Counter
 	sessionsEnded      *prometheus.CounterVec
+	connectionsOpen    prometheus.Gauge
+	connectionsRefused *prometheus.CounterVec // by reason: addr_limit, server_full
 }
 
 func newMetrics(db *sql.DB) *metrics {
@@ -77,8 +79,14 @@ func newMetrics(db *sql.DB) *metrics {
 		sessionsEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "messenger_sessions_ended_total", Help: "Sessions ended through this instance, by reason (signed_out, signed_out_everywhere, too_many_sessions).",
 		}, []string{"reason"}),
+		connectionsOpen: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "messenger_connections_open", Help: "Client connections open on the public listener (event streams included).",
+		}),
+		connectionsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "messenger_connections_refused_total", Help: "Connections refused at a cap: addr_limit (CONN_MAX_PER_ADDR) or server_full (CONN_MAX).",
+		}, []string{"reason"}),
 	}
-	m.registry.MustRegister(m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
+	m.registry.MustRegister(m.connectionsOpen, m.connectionsRefused, m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
 		m.streamsDroppedSlow, m.streamsRefused, m.streamResets, m.eventsPruned, m.listenerReconnects,
 		m.busMessages, m.busReconnects, m.busSlow,
 		collectors.NewDBStatsCollector(db, "messenger"),
@@ -89,6 +97,9 @@ func newMetrics(db *sql.DB) *metrics {
 	}
 	for _, reason := range []string{"user_limit", "server_full"} {
 		m.streamsRefused.WithLabelValues(reason)
+	}
+	for _, reason := range []string{refusedAddrLimit, refusedServerFull} {
+		m.connectionsRefused.WithLabelValues(reason)
 	}
 	for _, reason := range []string{resetTooFarBehind, resetExpired, resetUnknownPosition} {
 		m.streamResets.WithLabelValues(reason)

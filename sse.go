@@ -106,12 +106,20 @@ const defaultStreamsPerUser = 32
 // and the listening socket, and a tenth of the limit (at least 256) for ordinary
 // requests, log files and the like. Each stream holds one descriptor.
 func defaultStreamsMax(dbConns int) int {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+	n, ok := openFileLimit()
+	if !ok {
 		return 1000
 	}
-	n := int(min(lim.Cur, 1<<24)) // RLIM_INFINITY is a huge number
 	return max(1, n-dbConns-2-max(256, n/10))
+}
+
+// openFileLimit is the process's open-file limit (RLIMIT_NOFILE), if it can be read.
+func openFileLimit() (int, bool) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, false
+	}
+	return int(min(lim.Cur, 1<<24)), true // RLIM_INFINITY is a huge number
 }
 
 // The answers to a stream request the hub refuses; the 429 for a user over the cap
