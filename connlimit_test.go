@@ -234,3 +234,36 @@ func TestConnectionsAddrKey(t *testing.T) {
 		}
 	}
 }
+
+func TestConnectionsConfig(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		perAddr string
+		want    int
+		wantErr bool
+	}{
+		{"", defaultConnMaxPerAddr, false},
+		{"off", 0, false},
+		{"0", 0, false},
+		{"12", 12, false},
+		{"-1", 0, true},
+		{"many", 0, true},
+	} {
+		cfg, err := loadConfig(func(k string) string {
+			return map[string]string{"DEV_LOGIN": "true", "CONN_MAX_PER_ADDR": tc.perAddr}[k]
+		})
+		if (err != nil) != tc.wantErr || (err == nil && cfg.connMaxPerAddr != tc.want) {
+			t.Errorf("CONN_MAX_PER_ADDR=%q: got %d, %v; want %d, error %v", tc.perAddr, cfg.connMaxPerAddr, err, tc.want, tc.wantErr)
+		}
+	}
+	cfg, err := loadConfig(func(k string) string { return map[string]string{"DEV_LOGIN": "true"}[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.connMax <= cfg.streamsMax {
+		t.Errorf("default CONN_MAX %d, want above STREAMS_MAX %d", cfg.connMax, cfg.streamsMax)
+	}
+	if cfg.idleTimeout != 75*time.Second {
+		t.Errorf("default HTTP_IDLE_TIMEOUT %v, want 75s", cfg.idleTimeout)
+	}
+}
