@@ -376,7 +376,8 @@ func TestSlowStreamIsDropped(t *testing.T) {
 }
 
 func TestStreamsDoNotLeak(t *testing.T) {
-	ts := newTestServer(t, "STREAMS_PER_USER=1000")
+	// A thousand streams from one address: past CONN_MAX_PER_ADDR's default.
+	ts := newTestServer(t, "STREAMS_PER_USER=1000", "CONN_MAX_PER_ADDR=off")
 	alice := ts.newUser(t, "alice")
 	tr := &http.Transport{MaxIdleConnsPerHost: -1}
 	defer tr.CloseIdleConnections()

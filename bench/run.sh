@@ -126,6 +126,7 @@ start_server() { # name of the phase, for the log
   : >"$log"
   DATABASE_URL="$url" HOST=127.0.0.1 PORT="$port" DEV_LOGIN=true PPROF_ADDR="127.0.0.1:$pprof_port" \
     RATE_LIMIT_SENDS=off RATE_LIMIT_CONVERSATIONS=off RATE_LIMIT_LOGINS=off \
+    CONN_MAX_PER_ADDR=off \
     "$out/messenger" >>"$log" 2>&1 &
   server_pid=$!
   for _ in $(seq 300); do
