@@ -252,13 +252,21 @@ func (rec *statusRecorder) Write(b []byte) (int, error) {
 // Unwrap lets http.ResponseController reach the connection (flush, deadlines).
 func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
 
+// statusClientGone is what the log and the metrics record for a request whose
+// client left before it was answered (nginx's 499); no client ever receives it.
+const statusClientGone = 499
+
 // instrument logs one line per request and records its metrics under route.
 func (s *server) instrument(route string, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &statusRecorder{ResponseWriter: w}
 		defer func() {
-			if rec.status == 0 {
+			switch {
+			case rec.status != 0:
+			case r.Context().Err() != nil:
+				rec.status = statusClientGone // answered nothing: the client left first
+			default:
 				rec.status = http.StatusOK
 			}
 			d := time.Since(start)
