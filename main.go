@@ -341,11 +341,8 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 			return nil, fmt.Errorf("listen for events: %w", err)
 		}
 	}
-	sessions := newSessionWatcher(s.hub, db, cfg.sessionCheckInterval, logger)
-	s.hub.sessionNotes = func(payload string) {
-		s.sessionCache.clear()
-		sessions.noted(payload)
-	}
+	sessions := newSessionWatcher(s.hub, s.sessionCache, db, cfg.sessionCheckInterval, logger)
+	s.hub.sessionNotes = sessions.noted
 	bg, stop := context.WithCancel(context.Background())
 	s.stop = stop
 	var wg sync.WaitGroup
