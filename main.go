@@ -24,8 +24,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"github.com/lib/pq"
 )
 
 func main() {
@@ -281,12 +279,16 @@ type server struct {
 	metrics  *metrics
 	logger   *slog.Logger
 	http     *http.Server
-	listener *pq.Listener
+	listener *pgListener
 	bus      *natsBus // nil unless NATS_URL is set
 	notifier *notifier
 	sends    *sendBatcher
-	done     chan struct{} // closed when the background goroutines have stopped
-	stop     context.CancelFunc
+
+	// The background work, in the order close stops it.
+	listening *group // the listener and the bus: notifications in
+	sending   *group // the send workers
+	notifying *group // the notifier: notifications out
+	upkeep    *group // stream syncs, session checks, clean-up, retention
 
 	sessionCache *sessionCache // open sessions, remembered briefly (see sessions.go)
 }
@@ -312,7 +314,6 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		limits:  newRateLimits(cfg),
 		metrics: m,
 		logger:  logger,
-		done:    make(chan struct{}),
 
 		sessionCache: newSessionCache(),
 	}
@@ -328,37 +329,27 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	s.hub.bus = s.bus
 	s.notifier = newNotifier(db, s.hub, s.bus, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
-	s.listener = pq.NewListener(cfg.listenURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
-		if err != nil {
-			logger.Warn("event listener", "state", ev.String(), "err", err)
-		}
-	})
-	for _, channel := range channels {
-		if err := s.listener.Listen(channel); err != nil {
-			s.listener.Close()
-			s.bus.close()
-			db.Close()
-			return nil, fmt.Errorf("listen for events: %w", err)
-		}
-	}
 	sessions := newSessionWatcher(s.hub, s.sessionCache, db, cfg.sessionCheckInterval, logger)
-	s.hub.sessionNotes = sessions.noted
-	bg, stop := context.WithCancel(context.Background())
-	s.stop = stop
-	var wg sync.WaitGroup
-	wg.Go(func() { s.hub.run(bg, s.listener.Notify, cfg.syncInterval, s.listener.Ping) })
-	wg.Go(func() { s.sends.run(bg) })
-	wg.Go(func() { s.notifier.run(bg) })
-	if s.bus != nil {
-		wg.Go(func() { s.bus.run(bg, s.hub) })
+	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions.noted, m, logger); err != nil {
+		s.bus.close()
+		db.Close()
+		return nil, err
 	}
-	wg.Go(func() { s.cleanUp(bg) })
-	wg.Go(func() { sessions.run(bg) })
-	wg.Go(func() { every(bg, cfg.pruneInterval, nil, func() { s.pruneEvents(bg) }) })
-	go func() {
-		wg.Wait()
-		close(s.done)
-	}()
+
+	// The background work, in the groups that stop in turn (see close).
+	listeners := []func(context.Context){func(ctx context.Context) { s.listener.run(ctx, cfg.syncInterval) }}
+	if s.bus != nil {
+		listeners = append(listeners, func(ctx context.Context) { s.bus.run(ctx, s.hub) })
+	}
+	s.listening = startGroup(listeners...)
+	s.sending = startGroup(s.sends.run)
+	s.notifying = startGroup(s.notifier.run)
+	s.upkeep = startGroup(
+		func(ctx context.Context) { s.hub.syncStreams(ctx, cfg.syncInterval) },
+		sessions.run,
+		s.cleanUp,
+		func(ctx context.Context) { every(ctx, cfg.pruneInterval, nil, func() { s.pruneEvents(ctx) }) },
+	)
 
 	s.http = &http.Server{
 		Handler:           s.routes(),
@@ -430,16 +421,49 @@ func (s *server) serveMetrics(addr string) (stop func(), err error) {
 	}, nil
 }
 
-// close stops the background work (the send workers finish their batches, the
-// notifier sends what is queued, through the bus if there is one) and closes the
-// database. It runs after the HTTP server has shut down, so no request is left
-// waiting on a batch.
+// close stops what newServer started, after serve has shut the HTTP server down
+// (it stopped accepting, ended every stream with a last retry and waited for the
+// requests in flight, so no request is left waiting on a send). The whole order of
+// a shutdown is:
+//
+//  1. stop accepting connections; end every stream (serve);
+//  2. stop the listener and the bus's subscriptions: no more notifications in;
+//  3. drain the send workers: batches in flight commit and are answered;
+//  4. stop the notifier, which sends what the last batches queued, through the bus
+//     if there is one; then close the bus's connection and the listener's;
+//  5. stop the upkeep loops (stream syncs, session checks, clean-up, retention);
+//  6. close the database.
 func (s *server) close() {
-	s.stop()
-	<-s.done
+	s.listening.stop()
+	s.sending.stop()
+	s.notifying.stop()
 	s.bus.close()
-	s.listener.Close()
+	s.listener.close()
+	s.upkeep.stop()
 	s.db.Close()
+}
+
+// group is background work that runs until stopped.
+type group struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// startGroup runs each fn on a goroutine of its own with a context that stop
+// cancels.
+func startGroup(fns ...func(ctx context.Context)) *group {
+	ctx, cancel := context.WithCancel(context.Background())
+	g := &group{cancel: cancel}
+	for _, fn := range fns {
+		g.wg.Go(func() { fn(ctx) })
+	}
+	return g
+}
+
+// stop cancels the group's context and waits until every goroutine has returned.
+func (g *group) stop() {
+	g.cancel()
+	g.wg.Wait()
 }
 
 // cleanUp deletes expired idempotency keys and sessions once an hour.

@@ -80,8 +80,6 @@ type Hub struct {
 	// origin names this instance in the notifications it sends (see notification).
 	origin string
 
-	// sessionNotes, if set, takes the payloads of sessionsChannel's notifications.
-	sessionNotes func(payload string)
 	// bus, if set, carries the wake-ups instead of NOTIFY: the hub subscribes to a
 	// user's on their first stream here and unsubscribes on their last.
 	bus    *natsBus
@@ -275,43 +273,10 @@ func (h *Hub) closeAll() {
 	}
 }
 
-// run feeds notifications to the streams until ctx is done. A nil notification
-// means the listener reconnected and may have missed some, so every stream is
-// synced with the log; so it is every syncInterval, whatever happens. Syncing and
-// pinging the listener run on goroutines of their own: this one must never stop
-// draining notes, or the listener's connection (which a ping also needs) stalls.
-func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterval time.Duration, ping func() error) {
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	wg.Go(func() { every(ctx, syncInterval, h.resync, func() { h.sync(ctx) }) })
-	wg.Go(func() {
-		every(ctx, syncInterval, nil, func() {
-			if err := ping(); err != nil && ctx.Err() == nil {
-				h.logger.Warn("event listener ping", "err", err)
-			}
-		})
-	})
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case n, ok := <-notes:
-			if !ok {
-				return // the listener was closed
-			}
-			if n == nil {
-				h.metrics.listenerReconnects.Inc()
-				h.resyncSoon()
-				continue
-			}
-			switch {
-			case n.Channel == notifyChannel:
-				h.dispatch(n.Extra)
-			case n.Channel == sessionsChannel && h.sessionNotes != nil:
-				h.sessionNotes(n.Extra)
-			}
-		}
-	}
+// syncStreams syncs every stream with the event log every interval, and soon
+// after resyncSoon (a bus or the listener lost notifications), until ctx is done.
+func (h *Hub) syncStreams(ctx context.Context, interval time.Duration) {
+	every(ctx, interval, h.resync, func() { h.sync(ctx) })
 }
 
 // resyncSoon has every stream synced with the log: notifications may have been lost.
