@@ -47,6 +47,7 @@ func (s *server) addRoutes(r *way.Router) {
 	handle("POST", "/api/login", s.handleLogin())
 	handle("GET", "/api/oauth/github", s.handleGitHubStart())
 	handle("GET", "/api/oauth/github/callback", s.handleGitHubCallback())
+	handle("POST", "/api/oauth/github/claim", s.handleGitHubClaim())
 	authed("GET", "/api/auth_user", s.handleAuthUser())
 	authed("POST", "/api/refresh_token", s.handleRefreshToken())
 	authed("POST", "/api/logout", s.handleLogout())
