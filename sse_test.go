@@ -325,7 +325,7 @@ func (c *client) streamWithQuery(t *testing.T, lastEventID string) *sseStream {
 // metricValue reads one unlabelled metric from /metrics.
 func metricValue(t testing.TB, ts *testServer, name string) float64 {
 	t.Helper()
-	resp, b := (&client{t: t, base: ts.URL}).do("GET", "/metrics", nil)
+	resp, b := (&client{t: t, base: ts.URL, hc: ts.hc}).do("GET", "/metrics", nil)
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("metrics: %d", resp.StatusCode)
 	}
