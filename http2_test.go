@@ -235,3 +235,32 @@ func openStalledStream(t *testing.T, ts *testServer, proto protocol, c *client) 
 		t.Fatalf("open stalled stream: status %d", resp.StatusCode)
 	}
 }
+
+// TestTLSSettings: TLS_CERT_FILE and TLS_KEY_FILE go together, and a pair that
+// cannot be loaded stops the start with an error naming them.
+func TestTLSSettings(t *testing.T) {
+	t.Parallel()
+	certFile, keyFile, _ := selfSignedCert(t)
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+	}{
+		{"certificate alone", map[string]string{"TLS_CERT_FILE": certFile}},
+		{"key alone", map[string]string{"TLS_KEY_FILE": keyFile}},
+		{"key for certificate", map[string]string{"TLS_CERT_FILE": keyFile, "TLS_KEY_FILE": certFile}},
+		{"missing files", map[string]string{"TLS_CERT_FILE": certFile + ".none", "TLS_KEY_FILE": keyFile}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.env["DEV_LOGIN"], tc.env["PORT"], tc.env["HOST"] = "true", "0", "127.0.0.1"
+			tc.env["DATABASE_URL"] = testDatabaseURL
+			var stdout strings.Builder
+			err := run(t.Context(), nil, func(k string) string { return tc.env[k] }, &stdout, &syncBuffer{})
+			if err == nil || !strings.Contains(err.Error(), "TLS_CERT_FILE") {
+				t.Errorf("got %v, want an error naming TLS_CERT_FILE", err)
+			}
+			if stdout.Len() > 0 {
+				t.Errorf("the server started: %s", stdout.String())
+			}
+		})
+	}
+}

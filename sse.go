@@ -590,12 +590,12 @@ func (s *server) handleStream() apiHandler {
 				return fmt.Errorf("stream: %w", err)
 			}
 			sc.out = streamWriter{to: conn, timeout: s.cfg.writeTimeout, buf: start}
-			go sc.serve(last < head)
+			go sc.serve(context.Background(), last < head)
 			return nil
 		}
 		sc.out = streamWriter{to: newHandlerStream(w, r), timeout: s.cfg.writeTimeout, buf: hello}
 		w.WriteHeader(http.StatusOK)
-		sc.serve(last < head)
+		sc.serve(r.Context(), last < head)
 		return nil
 	}
 }
@@ -646,7 +646,9 @@ type streamConn struct {
 
 // serve writes the stream until the client leaves, the hub ends it, its token
 // expires or a write fails; replay says the log holds events the client missed.
-func (sc *streamConn) serve(replay bool) {
+// Reads of the log take ctx: the request's, when the stream is served in its
+// handler, so that a departed client's reads stop too.
+func (sc *streamConn) serve(ctx context.Context, replay bool) {
 	s, st := sc.srv, sc.st
 	start := time.Now()
 	reason := "client left"
@@ -656,9 +658,6 @@ func (sc *streamConn) serve(replay bool) {
 		s.logger.Info("stream closed", "user", st.userID, "last", sc.last, "reason", reason,
 			"duration", time.Since(start).Round(time.Millisecond))
 	}()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-
 	if err := sc.out.flush(); err != nil {
 		reason = "write failed"
 		return
