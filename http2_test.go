@@ -177,20 +177,12 @@ func TestStreamOverEveryProtocol(t *testing.T) {
 			reset.mustReset(head+6, "too_far_behind", head+6-from)
 			reset.close()
 
-			// A client that stops reading is dropped; the others go on.
-			openStalledStream(t, ts, proto, bob)
-			waitFor(t, eventWait, "the stalled stream open", func() bool {
-				return metricValue(t, ts, "messenger_streams_open") == 4
-			})
-			big := strings.Repeat("€", 480) // about 1.5 KB a frame
-			for sent := 0; metricValue(t, ts, "messenger_streams_open") > 3; sent++ {
-				if sent >= 4000 {
-					t.Fatal("the stalled stream was not dropped after 4000 messages")
-				}
-				m := alice.send(conv.ID, big)
-				if _, got := resumed.nextMessage(eventWait); got.ID != m.ID {
-					t.Fatalf("healthy stream: got %s, want %s", got.ID, m.ID)
-				}
+			// A client that stops reading is dropped; the others go on. Over
+			// HTTP/1.1 that takes thousands of sends, to fill the socket buffers:
+			// TestSlowStreamIsDropped checks a hijacked connection already, and the
+			// in-handler one is left out of -short.
+			if proto.protoMajor == 2 || (proto.name == "HTTP1.1-in-handler" && !testing.Short()) {
+				checkStalledStreamDropped(t, ts, proto, alice, bob, conv, resumed)
 			}
 
 			// Signing out ends the session's streams with session_ended.
@@ -207,6 +199,28 @@ func TestStreamOverEveryProtocol(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// checkStalledStreamDropped opens a stream of bob's that is never read, and checks
+// that it is dropped while alice sends, and that healthy, bob's other stream, gets
+// every message meanwhile.
+func checkStalledStreamDropped(t *testing.T, ts *testServer, proto protocol, alice, bob *client, conv apiConversation, healthy *sseStream) {
+	t.Helper()
+	before := metricValue(t, ts, "messenger_streams_open")
+	openStalledStream(t, ts, proto, bob)
+	waitFor(t, eventWait, "the stalled stream open", func() bool {
+		return metricValue(t, ts, "messenger_streams_open") == before+1
+	})
+	big := strings.Repeat("€", 480) // about 1.5 KB a frame
+	for sent := 0; metricValue(t, ts, "messenger_streams_open") > before; sent++ {
+		if sent >= 4000 {
+			t.Fatal("the stalled stream was not dropped after 4000 messages")
+		}
+		m := alice.send(conv.ID, big)
+		if _, got := healthy.nextMessage(eventWait); got.ID != m.ID {
+			t.Fatalf("healthy stream: got %s, want %s", got.ID, m.ID)
+		}
 	}
 }
 
