@@ -14,9 +14,9 @@ import (
 // tab hangs: E2E_TABS_OVER_HTTP1=1 runs the same test over HTTP/1.1, where it fails.
 func TestE2EEightTabsOverHTTP2(t *testing.T) {
 	const tabs = 8
-	proto := protocols[3] // HTTP/2 over TLS
+	proto := protocolNamed("HTTP2-TLS")
 	if os.Getenv("E2E_TABS_OVER_HTTP1") != "" {
-		proto = protocols[0]
+		proto = protocolNamed("HTTP1.1-hijacked")
 	}
 	ts := newTestServerOver(t, proto)
 	name := uniqueName("tabs")

@@ -29,12 +29,21 @@ type protocol struct {
 	env        []string // further settings
 }
 
-// protocols are those every stream guarantee is checked over.
+// protocols are those every stream guarantee is checked over; protocolNamed finds one.
 var protocols = []protocol{
 	{name: "HTTP1.1-hijacked", protoMajor: 1},
 	{name: "HTTP1.1-in-handler", protoMajor: 1, env: []string{"SSE_HIJACK=false"}},
 	{name: "h2c", protoMajor: 2},
 	{name: "HTTP2-TLS", protoMajor: 2, tls: true},
+}
+
+func protocolNamed(name string) protocol {
+	for _, p := range protocols {
+		if p.name == name {
+			return p
+		}
+	}
+	panic("no protocol " + name)
 }
 
 // newTestServerOver starts a test server whose clients speak proto: over TLS with a

@@ -112,7 +112,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, fmt.Errorf("PORT %q: not a port number", port)
 	}
 	cfg.addr = net.JoinHostPort(getenv("HOST"), port)
-	origin, err := url.Parse(orDefault(getenv("ORIGIN"), "http://localhost:"+port+"/"))
+	origin, err := url.Parse(orDefault(getenv("ORIGIN"), cfg.scheme()+"://localhost:"+port+"/"))
 	if err != nil || (origin.Scheme != "http" && origin.Scheme != "https") || origin.Host == "" {
 		return cfg, fmt.Errorf("ORIGIN %q: want an http or https URL", getenv("ORIGIN"))
 	}
@@ -193,6 +193,14 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, fmt.Errorf("LOG_FORMAT %q: want text or json", cfg.logFormat)
 	}
 	return cfg, nil
+}
+
+// scheme is the URL scheme the server answers on: https with TLS_CERT_FILE.
+func (cfg config) scheme() string {
+	if cfg.tlsCertFile != "" {
+		return "https"
+	}
+	return "http"
 }
 
 func orDefault(s, def string) string {
@@ -280,11 +288,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		defer stop()
 		fmt.Fprintf(stdout, "messenger serving /metrics on http://%s\n", cfg.metricsAddr)
 	}
-	scheme := "http"
-	if cfg.tlsCertFile != "" {
-		scheme = "https"
-	}
-	fmt.Fprintf(stdout, "messenger listening on %s://%s\n", scheme, ln.Addr())
+	fmt.Fprintf(stdout, "messenger listening on %s://%s\n", cfg.scheme(), ln.Addr())
 	return srv.serve(ctx, ln)
 }
 
