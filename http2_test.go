@@ -129,7 +129,8 @@ func selfSignedCert(t testing.TB) (certFile, keyFile string, roots *x509.CertPoo
 
 // TestStreamOverEveryProtocol checks the stream's guarantees over HTTP/1.1 (the
 // connection taken over, or served in the handler), h2c and HTTP/2 over TLS:
-// delivery to every stream once, resume with Last-Event-ID, reset past REPLAY_MAX,
+// delivery to every stream once, a departed client noticed, resume with
+// Last-Event-ID, reset past REPLAY_MAX,
 // a client that stops reading dropped, session_ended on sign-out, and shutdown
 // ending the streams.
 func TestStreamOverEveryProtocol(t *testing.T) {
@@ -158,6 +159,9 @@ func TestStreamOverEveryProtocol(t *testing.T) {
 			// Resume: what was missed is replayed in order, then live events.
 			start := bobTab.lastEventID()
 			bobTab.close()
+			// The server notices the departed client (over HTTP/2 at once, over a
+			// hijacked connection at the next keep-alive) and lets the stream go.
+			waitOpenStreams(t, ts, 2)
 			var missed []apiMessage
 			for i := range 3 {
 				missed = append(missed, alice.send(conv.ID, fmt.Sprintf("missed %d", i)))
@@ -185,6 +189,7 @@ func TestStreamOverEveryProtocol(t *testing.T) {
 			reset := bob.stream(start)
 			reset.mustReset(head+6, "too_far_behind", head+6-from)
 			reset.close()
+			waitOpenStreams(t, ts, 3)
 
 			// A client that stops reading is dropped; the others go on. Over
 			// HTTP/1.1 that takes thousands of sends, to fill the socket buffers:
@@ -211,6 +216,14 @@ func TestStreamOverEveryProtocol(t *testing.T) {
 	}
 }
 
+// waitOpenStreams waits until the server holds n open streams.
+func waitOpenStreams(t *testing.T, ts *testServer, n float64) {
+	t.Helper()
+	waitFor(t, eventWait, fmt.Sprintf("%v open streams", n), func() bool {
+		return metricValue(t, ts, "messenger_streams_open") == n
+	})
+}
+
 // checkStalledStreamDropped opens a stream of bob's that is never read, and checks
 // that it is dropped while alice sends, and that healthy, bob's other stream, gets
 // every message meanwhile.
@@ -218,9 +231,7 @@ func checkStalledStreamDropped(t *testing.T, ts *testServer, proto protocol, ali
 	t.Helper()
 	before := metricValue(t, ts, "messenger_streams_open")
 	openStalledStream(t, ts, proto, bob)
-	waitFor(t, eventWait, "the stalled stream open", func() bool {
-		return metricValue(t, ts, "messenger_streams_open") == before+1
-	})
+	waitOpenStreams(t, ts, before+1)
 	big := strings.Repeat("€", 480) // about 1.5 KB a frame
 	for sent := 0; metricValue(t, ts, "messenger_streams_open") > before; sent++ {
 		if sent >= 4000 {
