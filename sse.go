@@ -553,12 +553,17 @@ func (s *server) handleStream() apiHandler {
 		if err != nil {
 			return err
 		}
+		started := false // from then on, serve unregisters st
+		defer func() {
+			if !started {
+				s.hub.unregister(st)
+			}
+		}()
 		// The stream is registered before the log's end is read, so every event
 		// after that point is either in the log or in st.events (or, while the
 		// stream replays, below st.heldTo).
 		head, oldest, err := logBounds(r.Context(), s.db, sess.userID)
 		if err != nil {
-			s.hub.unregister(st)
 			return err
 		}
 		last := head
@@ -586,15 +591,16 @@ func (s *server) handleStream() apiHandler {
 		if r.ProtoMajor == 1 && s.cfg.hijackStreams {
 			conn, start, err := hijackStream(w, hello)
 			if err != nil {
-				s.hub.unregister(st)
 				return fmt.Errorf("stream: %w", err)
 			}
 			sc.out = streamWriter{to: conn, timeout: s.cfg.writeTimeout, buf: start}
+			started = true
 			go sc.serve(context.Background(), last < head)
 			return nil
 		}
 		sc.out = streamWriter{to: newHandlerStream(w, r), timeout: s.cfg.writeTimeout, buf: hello}
 		w.WriteHeader(http.StatusOK)
+		started = true
 		sc.serve(r.Context(), last < head)
 		return nil
 	}
