@@ -111,6 +111,10 @@ func newBrowser(t *testing.T, ts *testServer, name string, vp viewport) *browser
 		chromedp.UserDataDir(t.TempDir()),
 		chromedp.WindowSize(int(vp.width), int(vp.height)),
 	}
+	if strings.HasPrefix(ts.URL, "https:") {
+		// The test server's certificate is made by the test (selfSignedCert).
+		opts = append(opts, chromedp.Flag("ignore-certificate-errors", true))
+	}
 	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
 	ctx, cancelCtx := chromedp.NewContext(allocCtx)
 	t.Cleanup(func() {

@@ -64,7 +64,7 @@ func (s *server) addRoutes(r *way.Router) {
 	authed("POST", "/api/conversations/:id/typing", s.handleTyping())
 	// The stream lives as long as its client: no request timeout. It is the one
 	// route that takes ?token=, since EventSource cannot send headers.
-	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.handleStream(), true)))
+	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.api(s.handleStream()), true)))
 
 	handle("GET", "/api/openapi.yaml", handleOpenAPI())
 	handle("GET", "/healthz", s.handleHealthz())

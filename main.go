@@ -6,6 +6,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"database/sql"
 	"encoding/hex"
 	"errors"
@@ -40,6 +41,8 @@ type config struct {
 	databaseURL string // the pool's: PostgreSQL itself, or a pooler in transaction mode
 	listenURL   string // the LISTEN connection's: always PostgreSQL itself
 	addr        string // host:port to listen on
+	tlsCertFile string // with tlsKeyFile: serve HTTPS (HTTP/2 and HTTP/1.1); empty: cleartext
+	tlsKeyFile  string
 	origin      *url.URL
 	devLogin    bool
 	tokenKey    []byte // empty: taken from the database (development only)
@@ -59,8 +62,11 @@ type config struct {
 
 	keepAlive    time.Duration // longest silence on a stream
 	writeTimeout time.Duration // deadline of one write to a stream
-	streamBuffer int           // events a stream may fall behind before it is dropped
-	syncInterval time.Duration // how often streams are checked against the event log
+	// hijackStreams: HTTP/1.1 streams take their connection over (SSE_HIJACK);
+	// HTTP/2 streams are always served inside their handler.
+	hijackStreams bool
+	streamBuffer  int           // events a stream may fall behind before it is dropped
+	syncInterval  time.Duration // how often streams are checked against the event log
 
 	streamsPerUser int           // open streams one user may hold on this instance
 	streamsMax     int           // open streams on this instance, all users together
@@ -92,6 +98,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 		logFormat:          orDefault(getenv("LOG_FORMAT"), "text"),
 		pprofAddr:          getenv("PPROF_ADDR"),
 		metricsAddr:        getenv("METRICS_ADDR"),
+		tlsCertFile:        getenv("TLS_CERT_FILE"),
+		tlsKeyFile:         getenv("TLS_KEY_FILE"),
+	}
+	if (cfg.tlsCertFile == "") != (cfg.tlsKeyFile == "") {
+		return cfg, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both, or neither")
 	}
 	if cfg.databaseURL == "" {
 		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
@@ -106,7 +117,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, fmt.Errorf("PORT %q: not a port number", port)
 	}
 	cfg.addr = net.JoinHostPort(getenv("HOST"), port)
-	origin, err := url.Parse(orDefault(getenv("ORIGIN"), "http://localhost:"+port+"/"))
+	origin, err := url.Parse(orDefault(getenv("ORIGIN"), cfg.scheme()+"://localhost:"+port+"/"))
 	if err != nil || (origin.Scheme != "http" && origin.Scheme != "https") || origin.Host == "" {
 		return cfg, fmt.Errorf("ORIGIN %q: want an http or https URL", getenv("ORIGIN"))
 	}
@@ -139,6 +150,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.writeTimeout, err = parseDuration(getenv, "SSE_WRITE_TIMEOUT", 10*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.hijackStreams, err = parseBool(getenv, "SSE_HIJACK", true); err != nil {
 		return cfg, err
 	}
 	if cfg.syncInterval, err = parseDuration(getenv, "SSE_SYNC_INTERVAL", 10*time.Second); err != nil {
@@ -184,6 +198,14 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, fmt.Errorf("LOG_FORMAT %q: want text or json", cfg.logFormat)
 	}
 	return cfg, nil
+}
+
+// scheme is the URL scheme the server answers on: https with TLS_CERT_FILE.
+func (cfg config) scheme() string {
+	if cfg.tlsCertFile != "" {
+		return "https"
+	}
+	return "http"
 }
 
 func orDefault(s, def string) string {
@@ -236,6 +258,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	logger := newLogger(cfg.logFormat, stderr)
+	if cfg.tlsCertFile != "" {
+		// Checked here, so that a bad pair stops the start instead of the serving.
+		if _, err := tls.LoadX509KeyPair(cfg.tlsCertFile, cfg.tlsKeyFile); err != nil {
+			return fmt.Errorf("TLS_CERT_FILE, TLS_KEY_FILE: %w", err)
+		}
+	}
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
@@ -265,7 +293,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		defer stop()
 		fmt.Fprintf(stdout, "messenger serving /metrics on http://%s\n", cfg.metricsAddr)
 	}
-	fmt.Fprintf(stdout, "messenger listening on http://%s\n", ln.Addr())
+	fmt.Fprintf(stdout, "messenger listening on %s://%s\n", cfg.scheme(), ln.Addr())
 	return srv.serve(ctx, ln)
 }
 
@@ -361,9 +389,22 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		// No WriteTimeout: it would end every event stream. Streams set a deadline
 		// per write, and other handlers answer from the database, whose calls are
 		// bounded by requestTimeout.
+		Protocols: serverProtocols(),
 	}
 	s.http.RegisterOnShutdown(s.hub.closeAll)
 	return s, nil
+}
+
+// serverProtocols are the protocols the server speaks: HTTP/1.1; HTTP/2 over TLS,
+// which browsers use (one connection for all of a person's tabs, where HTTP/1.1
+// allows 6 connections to a site and so at most 6 open streams); and cleartext
+// HTTP/2 with prior knowledge (h2c), which reverse proxies speak to back ends.
+func serverProtocols() *http.Protocols {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetHTTP2(true)
+	p.SetUnencryptedHTTP2(true)
+	return &p
 }
 
 // serve answers requests on ln until ctx is done, then shuts down gracefully: it
@@ -371,7 +412,13 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 // waits for requests in flight.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	errc := make(chan error, 1)
-	go func() { errc <- s.http.Serve(ln) }()
+	go func() {
+		if s.cfg.tlsCertFile != "" {
+			errc <- s.http.ServeTLS(ln, s.cfg.tlsCertFile, s.cfg.tlsKeyFile)
+			return
+		}
+		errc <- s.http.Serve(ln)
+	}()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
@@ -382,8 +429,8 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	if err := s.http.Shutdown(shutdownCtx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
-	// Streams run outside the HTTP server (see handleStream); Shutdown has ended
-	// them through closeAll, and they finish their last write here.
+	// Hijacked streams run outside the HTTP server (see handleStream); Shutdown
+	// has ended them through closeAll, and they finish their last write here.
 	streamsDone := make(chan struct{})
 	go func() {
 		s.hub.running.Wait()
