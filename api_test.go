@@ -459,9 +459,10 @@ func TestGitHubSignIn(t *testing.T) {
 	ts := newTestServer(t, "GITHUB_CLIENT_ID=cid", "GITHUB_CLIENT_SECRET=secret",
 		"GITHUB_WEB_URL="+gh.URL, "GITHUB_API_URL="+gh.URL)
 	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	nonce := newNonce()
 
 	start := func() (state string, cookie *http.Cookie) {
-		resp, err := noRedirect.Get(ts.URL + "/api/oauth/github")
+		resp, err := noRedirect.Get(ts.URL + "/api/oauth/github?nonce=" + nonce)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -503,36 +504,33 @@ func TestGitHubSignIn(t *testing.T) {
 	}
 	loc, _ := url.Parse(resp.Header.Get("Location"))
 	frag, _ := url.ParseQuery(loc.Fragment)
-	if loc.Path != "/callback" || frag.Get("token") == "" || frag.Get("expires_at") == "" {
+	if loc.Path != "/callback" || frag.Get("code") == "" || frag.Get("nonce") != nonce || frag.Has("token") {
 		t.Fatalf("callback: redirected to %s", loc)
 	}
-	c := &client{t: t, base: ts.URL, Token: frag.Get("token")}
+	c := &client{t: t, base: ts.URL, Token: mustClaim(t, ts, frag)}
 	var u apiUser
 	c.mustDo("GET", "/api/auth_user", nil, http.StatusOK, &u)
 	if u.Username != login || u.AvatarURL == nil || !strings.HasPrefix(*u.AvatarURL, "https://avatars.example/") {
 		t.Fatalf("got %+v, want %s with avatar", u, login)
 	}
 
-	// The callback clears the browser's state cookie, so the state cannot come back.
-	if cleared := resp.Cookies(); len(cleared) != 1 || cleared[0].Name != stateCookie || cleared[0].MaxAge >= 0 {
-		t.Fatalf("callback: got cookies %v, want %s cleared", cleared, stateCookie)
+	// The callback leaves the browser's state cookie for sign-ins of other tabs.
+	if got := resp.Cookies(); len(got) != 0 {
+		t.Fatalf("callback: got cookies %v, want none set", got)
 	}
-	if resp := callback(state, "good-code", nil); resp.StatusCode != http.StatusBadRequest {
-		t.Fatalf("replayed state: got %d, want 400", resp.StatusCode)
+	// A forged state, or one without its cookie, goes to the client's error page.
+	failed := func(what string, resp *http.Response) {
+		t.Helper()
+		if loc := resp.Header.Get("Location"); resp.StatusCode != http.StatusFound || !strings.HasSuffix(loc, "/callback#error=sign_in_failed") {
+			t.Fatalf("%s: got %d to %q, want 302 to /callback#error=sign_in_failed", what, resp.StatusCode, loc)
+		}
 	}
-	// A forged state, or one without its cookie, is refused.
+	failed("state without its cookie", callback(state, "good-code", nil))
 	state2, cookie2 := start()
-	if resp := callback("forged"+state2, "good-code", cookie2); resp.StatusCode != http.StatusBadRequest {
-		t.Fatalf("forged state: got %d, want 400", resp.StatusCode)
-	}
+	failed("forged state", callback("forged"+state2, "good-code", cookie2))
 	state3, _ := start()
-	if resp := callback(state3, "good-code", nil); resp.StatusCode != http.StatusBadRequest {
-		t.Fatalf("state without cookie: got %d, want 400", resp.StatusCode)
-	}
-	forgedCookie := &http.Cookie{Name: stateCookie, Value: state3 + ".AAAA"}
-	if resp := callback(state3, "good-code", forgedCookie); resp.StatusCode != http.StatusBadRequest {
-		t.Fatalf("forged cookie: got %d, want 400", resp.StatusCode)
-	}
+	failed("state without cookie", callback(state3, "good-code", nil))
+	failed("forged cookie", callback(state3, "good-code", &http.Cookie{Name: stateCookie, Value: state3 + ".AAAA"}))
 	// A bad code fails without leaking GitHub's answer.
 	state4, cookie4 := start()
 	if resp := callback(state4, "bad-code", cookie4); resp.StatusCode != http.StatusBadGateway {
@@ -544,7 +542,7 @@ func TestGitHubSignIn(t *testing.T) {
 	resp = callback(state5, "good-code", cookie5)
 	loc, _ = url.Parse(resp.Header.Get("Location"))
 	frag, _ = url.ParseQuery(loc.Fragment)
-	c.Token = frag.Get("token")
+	c.Token = mustClaim(t, ts, frag)
 	var u2 apiUser
 	c.mustDo("GET", "/api/auth_user", nil, http.StatusOK, &u2)
 	if u2.ID != u.ID {

@@ -307,10 +307,10 @@ func (s *server) githubOAuth() *oauth2.Config {
 	}
 }
 
-// handleGitHubStart serves GET /api/oauth/github[?nonce=]: it binds the sign-in
-// to the browser with an HttpOnly cookie and redirects to GitHub with a signed
-// state (see oauthStates), storing nothing. nonce is the web client's, handed back
-// with the token so that the client accepts only sign-ins it started.
+// handleGitHubStart serves GET /api/oauth/github?nonce=: it binds the sign-in to
+// the browser with an HttpOnly cookie and redirects to GitHub with a signed state
+// (see oauthStates), storing nothing. nonce, required, is the web client's, handed
+// back with the claim code so that the client claims only sign-ins it started.
 func (s *server) handleGitHubStart() apiHandler {
 	states := newOAuthStates(s.cfg.tokenKey)
 	return func(w http.ResponseWriter, r *http.Request) error {
@@ -320,7 +320,7 @@ func (s *server) handleGitHubStart() apiHandler {
 		}
 		nonce := r.URL.Query().Get("nonce")
 		if !validClientNonce(nonce) {
-			return malformed("nonce must be 16 to 64 letters, digits, '-' or '_'")
+			return malformed("nonce is required: 16 to 64 letters, digits, '-' or '_'")
 		}
 		cookie := s.stateCookieFor(r)
 		http.SetCookie(w, cookie)
@@ -331,13 +331,15 @@ func (s *server) handleGitHubStart() apiHandler {
 }
 
 // handleGitHubCallback serves GET /api/oauth/github/callback: it checks the state
-// against the browser's cookie (and clears the cookie), exchanges the code, finds
-// or creates the user by GitHub id and redirects to the web client with a token
-// and the client's nonce.
+// against the browser's cookie (which it leaves for other tabs' sign-ins),
+// exchanges the code, finds or creates the user by GitHub id and redirects to the
+// web client with a claim code and the client's nonce (see oauthClaims). It starts
+// no session: the client claims one with POST /api/oauth/github/claim once it has
+// checked the nonce. A bad or expired state goes to /callback#error=sign_in_failed.
 func (s *server) handleGitHubCallback() apiHandler {
-	badState := malformed("invalid or expired OAuth state; start the sign-in again")
 	githubFailed := upstreamFailed("GitHub sign-in failed; try again")
 	states := newOAuthStates(s.cfg.tokenKey)
+	claims := newOAuthClaims(s.cfg.tokenKey)
 	return func(w http.ResponseWriter, r *http.Request) error {
 		conf := s.githubOAuth()
 		if conf == nil {
@@ -345,26 +347,25 @@ func (s *server) handleGitHubCallback() apiHandler {
 		}
 		q := r.URL.Query()
 		state, code := q.Get("state"), q.Get("code")
-		http.SetCookie(w, &http.Cookie{Name: stateCookie, Path: "/api/oauth/github", MaxAge: -1, HttpOnly: true,
-			Secure: s.cfg.origin.Scheme == "https", SameSite: http.SameSiteLaxMode})
+		dest := s.cfg.origin.ResolveReference(&url.URL{Path: "/callback"}).String()
 		var nonce string
 		c, err := r.Cookie(stateCookie)
 		ok := err == nil
 		if ok {
 			nonce, ok = states.check(state, c.Value, time.Now())
 		}
-		if !ok {
-			return badState
+		if !ok || nonce == "" {
+			// The web client shows its own text for the code, never ours or GitHub's.
+			http.Redirect(w, r, dest+"#error=sign_in_failed", http.StatusFound)
+			return nil
 		}
-		dest := s.cfg.origin.ResolveReference(&url.URL{Path: "/callback"})
 		if q.Get("error") != "" {
-			// GitHub sent the person back without a code (they declined, say); the
-			// web client shows its own text for the code, never GitHub's.
+			// GitHub sent the person back without a code (they declined, say).
 			reason := "sign_in_failed"
 			if q.Get("error") == "access_denied" {
 				reason = "access_denied"
 			}
-			http.Redirect(w, r, dest.String()+"#error="+reason, http.StatusFound)
+			http.Redirect(w, r, dest+"#error="+reason, http.StatusFound)
 			return nil
 		}
 		if code == "" || len(code) > 512 {
@@ -381,15 +382,48 @@ func (s *server) handleGitHubCallback() apiHandler {
 		if err != nil {
 			return err
 		}
-		token, exp, err := s.startSession(ctx, user.ID)
+		frag := url.Values{"code": {claims.issue(user.ID, nonce, time.Now().Add(oauthClaimTTL))}, "nonce": {nonce}}
+		http.Redirect(w, r, dest+"#"+frag.Encode(), http.StatusFound)
+		return nil
+	}
+}
+
+// handleGitHubClaim serves POST /api/oauth/github/claim: it starts the session of a
+// GitHub sign-in, given the code the callback handed the web client and the nonce
+// the client started the sign-in with, and answers as POST /api/login does. A code
+// this server did not issue for that nonce, or one past its two minutes, is 400.
+// Claims count against the sign-in limit of the client's address.
+func (s *server) handleGitHubClaim() apiHandler {
+	type request struct {
+		Code  string `json:"code"`
+		Nonce string `json:"nonce"`
+	}
+	badClaim := malformed("invalid or expired sign-in code; sign in again")
+	claims := newOAuthClaims(s.cfg.tokenKey)
+	return func(w http.ResponseWriter, r *http.Request) error {
+		if err := s.limits.logins.allow(clientIP(r)); err != nil {
+			return err
+		}
+		var req request
+		if err := decodeJSON(w, r, &req); err != nil {
+			return err
+		}
+		userID, ok := claims.check(req.Code, req.Nonce, time.Now())
+		if !ok {
+			return badClaim
+		}
+		user, err := userByID(r.Context(), s.db, userID)
+		if errors.Is(err, errNotFound) {
+			return badClaim // the account was deleted in the meantime
+		}
 		if err != nil {
 			return err
 		}
-		frag := url.Values{"token": {token}, "expires_at": {exp.UTC().Format(time.RFC3339)}}
-		if nonce != "" {
-			frag.Set("nonce", nonce)
+		token, exp, err := s.startSession(r.Context(), user.ID)
+		if err != nil {
+			return err
 		}
-		http.Redirect(w, r, dest.String()+"#"+frag.Encode(), http.StatusFound)
+		respond(w, http.StatusOK, authResponse{AuthUser: user, Token: token, ExpiresAt: exp.UTC()})
 		return nil
 	}
 }

@@ -103,12 +103,16 @@ func (s *server) api(h apiHandler) http.HandlerFunc {
 func (s *server) respondError(w http.ResponseWriter, r *http.Request, err error) {
 	var ae *apiError
 	switch {
+	case errors.Is(r.Context().Err(), context.Canceled):
+		// The client is gone: whatever failed (often a query cancelled with the
+		// request, which PostgreSQL reports as 57014) is no fault to log, and there
+		// is nobody to answer. A request that ran out of time (DeadlineExceeded) is
+		// answered 503 below.
+		return
 	case errors.As(err, &ae):
 	case isUnavailable(err):
 		s.logger.Error("database unavailable", "method", r.Method, "path", r.URL.Path, "err", err)
 		ae = unavailable("service unavailable, try again shortly", time.Second)
-	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
-		return // the client is gone
 	default:
 		s.logger.Error("internal error", "method", r.Method, "path", r.URL.Path, "err", err)
 		respondJSONError(w, http.StatusInternalServerError, "internal server error", nil)

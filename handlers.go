@@ -47,6 +47,7 @@ func (s *server) addRoutes(r *way.Router) {
 	handle("POST", "/api/login", s.handleLogin())
 	handle("GET", "/api/oauth/github", s.handleGitHubStart())
 	handle("GET", "/api/oauth/github/callback", s.handleGitHubCallback())
+	handle("POST", "/api/oauth/github/claim", s.handleGitHubClaim())
 	authed("GET", "/api/auth_user", s.handleAuthUser())
 	authed("POST", "/api/refresh_token", s.handleRefreshToken())
 	authed("POST", "/api/logout", s.handleLogout())
@@ -63,7 +64,7 @@ func (s *server) addRoutes(r *way.Router) {
 	authed("POST", "/api/conversations/:id/typing", s.handleTyping())
 	// The stream lives as long as its client: no request timeout. It is the one
 	// route that takes ?token=, since EventSource cannot send headers.
-	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.handleStream(), true)))
+	r.Handle("GET", "/api/messages", s.instrument("/api/messages", s.authenticate(s.api(s.handleStream()), true)))
 
 	handle("GET", "/api/openapi.yaml", handleOpenAPI())
 	handle("GET", "/healthz", s.handleHealthz())
@@ -252,13 +253,21 @@ func (rec *statusRecorder) Write(b []byte) (int, error) {
 // Unwrap lets http.ResponseController reach the connection (flush, deadlines).
 func (rec *statusRecorder) Unwrap() http.ResponseWriter { return rec.ResponseWriter }
 
+// statusClientGone is what the log and the metrics record for a request whose
+// client left before it was answered (nginx's 499); no client ever receives it.
+const statusClientGone = 499
+
 // instrument logs one line per request and records its metrics under route.
 func (s *server) instrument(route string, h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rec := &statusRecorder{ResponseWriter: w}
 		defer func() {
-			if rec.status == 0 {
+			switch {
+			case rec.status != 0:
+			case r.Context().Err() != nil:
+				rec.status = statusClientGone // answered nothing: the client left first
+			default:
 				rec.status = http.StatusOK
 			}
 			d := time.Since(start)

@@ -840,3 +840,46 @@ func TestHardeningHealthAndMetrics(t *testing.T) {
 		return strings.Contains(metrics(), "\nmessenger_streams_open 0\n")
 	})
 }
+
+// TestClientGoneIsNotAnOutage: a client that hangs up while its query waits is
+// neither logged as a database outage nor counted as a 503 (a disconnecting client
+// could otherwise raise false alerts): it is recorded as 499.
+func TestClientGoneIsNotAnOutage(t *testing.T) {
+	t.Parallel()
+	ts := newTestServer(t)
+	alice, bob := ts.newUser(t, "gone_a"), ts.newUser(t, "gone_b")
+	conv := alice.startConversation(bob)
+	bob.send(conv.ID, "unread")
+	tx, err := ts.DB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	// read_messages waits for bob's users row, which this transaction holds.
+	if _, err := tx.Exec(`SELECT 1 FROM users WHERE id = $1 FOR UPDATE`, bob.User.ID); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "POST", ts.URL+"/api/conversations/"+conv.ID+"/read_messages", nil)
+	req.Header.Set("Authorization", "Bearer "+alice.Token)
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatal("the read should still be waiting when the client gives up")
+	}
+	waitFor(t, 10*time.Second, "the request's log line", func() bool {
+		return strings.Contains(ts.logs.String(), "route=/api/conversations/:id/read_messages")
+	})
+	tx.Rollback()
+	logs := ts.logs.String()
+	if strings.Contains(logs, "database unavailable") || strings.Contains(logs, "internal error") {
+		t.Errorf("a departed client was logged as a fault:\n%s", logs)
+	}
+	if !strings.Contains(logs, "status=499") {
+		t.Errorf("a departed client's request was not logged as 499:\n%s", logs)
+	}
+	_, metrics := (&client{t: t, base: ts.URL}).do("GET", "/metrics", nil)
+	if strings.Contains(string(metrics), `route="/api/conversations/:id/read_messages",status="503"`) {
+		t.Errorf("a departed client was counted as a 503")
+	}
+}

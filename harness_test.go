@@ -115,6 +115,7 @@ type testServer struct {
 	DB   *sql.DB // for assertions on what the server stored
 	env  map[string]string
 	logs *syncBuffer
+	hc   *http.Client // speaks the server's protocol (see newTestServerOver); nil: http.DefaultClient
 
 	mu     sync.Mutex // guards cancel and done
 	cancel context.CancelFunc
@@ -174,7 +175,7 @@ func newTestServer(t testing.TB, env ...string) *testServer {
 	return ts
 }
 
-var listeningRE = regexp.MustCompile(`listening on http://(\S+)`)
+var listeningRE = regexp.MustCompile(`listening on (https?)://(\S+)`)
 
 // start runs the server (again, after stop, on the same port) and waits until it
 // listens.
@@ -194,7 +195,7 @@ func (ts *testServer) start(t testing.TB) {
 		sc := bufio.NewScanner(pr)
 		for sc.Scan() {
 			if m := listeningRE.FindStringSubmatch(sc.Text()); m != nil {
-				addr <- m[1]
+				addr <- m[1] + "://" + m[2]
 			}
 		}
 		close(addr)
@@ -205,7 +206,8 @@ func (ts *testServer) start(t testing.TB) {
 			cancel()
 			t.Fatalf("server did not start: %v\n%s", <-done, ts.logs.String())
 		}
-		ts.URL = "http://" + a
+		ts.URL = a
+		_, a, _ = strings.Cut(a, "://")
 		_, port, _ := strings.Cut(a, "]:")
 		if port == "" {
 			_, port, _ = strings.Cut(a, ":")
@@ -247,12 +249,21 @@ type client struct {
 	base  string
 	Token string
 	User  User
+	hc    *http.Client // nil: http.DefaultClient
+}
+
+// httpClient is the HTTP client c sends its requests with.
+func (c *client) httpClient() *http.Client {
+	if c.hc != nil {
+		return c.hc
+	}
+	return http.DefaultClient
 }
 
 // login signs in as username through POST /api/login.
 func (ts *testServer) login(t testing.TB, username string) *client {
 	t.Helper()
-	c := &client{t: t, base: ts.URL}
+	c := &client{t: t, base: ts.URL, hc: ts.hc}
 	var res authResponse
 	c.mustDo("POST", "/api/login", map[string]string{"username": username}, http.StatusOK, &res)
 	c.Token, c.User = res.Token, res.AuthUser
@@ -268,7 +279,7 @@ func (ts *testServer) newUser(t testing.TB, prefix string) *client {
 // as returns a client of this user against another server (another instance).
 func (c *client) as(ts *testServer) *client {
 	cc := *c
-	cc.base = ts.URL
+	cc.base, cc.hc = ts.URL, ts.hc
 	return &cc
 }
 
@@ -304,7 +315,7 @@ func (c *client) do(method, path string, body any, headers ...string) (*http.Res
 		k, v, _ := strings.Cut(h, ":")
 		req.Header.Set(strings.TrimSpace(k), strings.TrimSpace(v))
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.httpClient().Do(req)
 	if err != nil {
 		c.t.Fatalf("%s %s: %v", method, path, err)
 	}
@@ -422,7 +433,7 @@ func (c *client) openStream(lastEventID string, keepReady bool) *sseStream {
 	if lastEventID != "" {
 		req.Header.Set("Last-Event-ID", lastEventID)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.httpClient().Do(req)
 	if err != nil {
 		cancel()
 		c.t.Fatalf("open stream: %v", err)

@@ -1,8 +1,12 @@
 package main
 
 import (
+	"io"
 	"net/http"
+	"regexp"
+	"strconv"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 )
@@ -38,4 +42,43 @@ func TestServerLeavesNoGoroutines(t *testing.T) {
 	http.DefaultClient.CloseIdleConnections()
 	ts.DB.Close() // the test's own connection to look at the database
 	goleak.VerifyNone(t, before)
+}
+
+// TestShutdownEndsStreamsWithRetry: when the server stops, each stream's last frame
+// is a retry of 1 to 5 seconds, so that the clients of a stopping instance come
+// back to the others spread out rather than all at once.
+func TestShutdownEndsStreamsWithRetry(t *testing.T) {
+	t.Parallel()
+	ts := newTestServer(t)
+	alice := ts.newUser(t, "alice")
+	req, _ := http.NewRequest("GET", ts.URL+"/api/messages", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+alice.Token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(resp.Body) // to the end of the stream
+		body <- b
+	}()
+	waitFor(t, eventWait, "the stream to open", func() bool { return metricValue(t, ts, "messenger_streams_open") == 1 })
+	if err := ts.stop(t); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	var b []byte
+	select {
+	case b = <-body:
+	case <-time.After(eventWait):
+		t.Fatal("the stream did not end when the server stopped")
+	}
+	m := regexp.MustCompile(`\nretry: (\d+)\n\n$`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("the stream's last frame is not a retry:\n%s", b)
+	}
+	if ms, _ := strconv.Atoi(string(m[1])); ms < 1000 || ms > 5000 {
+		t.Errorf("retry: %d ms, want 1,000 to 5,000", ms)
+	}
 }

@@ -6,6 +6,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"database/sql"
 	"encoding/hex"
 	"errors"
@@ -24,8 +25,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"github.com/lib/pq"
 )
 
 func main() {
@@ -42,6 +41,8 @@ type config struct {
 	databaseURL string // the pool's: PostgreSQL itself, or a pooler in transaction mode
 	listenURL   string // the LISTEN connection's: always PostgreSQL itself
 	addr        string // host:port to listen on
+	tlsCertFile string // with tlsKeyFile: serve HTTPS (HTTP/2 and HTTP/1.1); empty: cleartext
+	tlsKeyFile  string
 	origin      *url.URL
 	devLogin    bool
 	tokenKey    []byte // empty: taken from the database (development only)
@@ -61,8 +62,11 @@ type config struct {
 
 	keepAlive    time.Duration // longest silence on a stream
 	writeTimeout time.Duration // deadline of one write to a stream
-	streamBuffer int           // events a stream may fall behind before it is dropped
-	syncInterval time.Duration // how often streams are checked against the event log
+	// hijackStreams: HTTP/1.1 streams take their connection over (SSE_HIJACK);
+	// HTTP/2 streams are always served inside their handler.
+	hijackStreams bool
+	streamBuffer  int           // events a stream may fall behind before it is dropped
+	syncInterval  time.Duration // how often streams are checked against the event log
 
 	streamsPerUser int           // open streams one user may hold on this instance
 	streamsMax     int           // open streams on this instance, all users together
@@ -98,6 +102,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 		logFormat:          orDefault(getenv("LOG_FORMAT"), "text"),
 		pprofAddr:          getenv("PPROF_ADDR"),
 		metricsAddr:        getenv("METRICS_ADDR"),
+		tlsCertFile:        getenv("TLS_CERT_FILE"),
+		tlsKeyFile:         getenv("TLS_KEY_FILE"),
+	}
+	if (cfg.tlsCertFile == "") != (cfg.tlsKeyFile == "") {
+		return cfg, errors.New("TLS_CERT_FILE and TLS_KEY_FILE: set both, or neither")
 	}
 	if cfg.databaseURL == "" {
 		cfg.databaseURL = "postgres://postgres@127.0.0.1:5432/messenger?sslmode=disable"
@@ -112,7 +121,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, fmt.Errorf("PORT %q: not a port number", port)
 	}
 	cfg.addr = net.JoinHostPort(getenv("HOST"), port)
-	origin, err := url.Parse(orDefault(getenv("ORIGIN"), "http://localhost:"+port+"/"))
+	origin, err := url.Parse(orDefault(getenv("ORIGIN"), cfg.scheme()+"://localhost:"+port+"/"))
 	if err != nil || (origin.Scheme != "http" && origin.Scheme != "https") || origin.Host == "" {
 		return cfg, fmt.Errorf("ORIGIN %q: want an http or https URL", getenv("ORIGIN"))
 	}
@@ -145,6 +154,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.writeTimeout, err = parseDuration(getenv, "SSE_WRITE_TIMEOUT", 10*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.hijackStreams, err = parseBool(getenv, "SSE_HIJACK", true); err != nil {
 		return cfg, err
 	}
 	if cfg.syncInterval, err = parseDuration(getenv, "SSE_SYNC_INTERVAL", 10*time.Second); err != nil {
@@ -201,6 +213,14 @@ func loadConfig(getenv func(string) string) (config, error) {
 	return cfg, nil
 }
 
+// scheme is the URL scheme the server answers on: https with TLS_CERT_FILE.
+func (cfg config) scheme() string {
+	if cfg.tlsCertFile != "" {
+		return "https"
+	}
+	return "http"
+}
+
 func orDefault(s, def string) string {
 	if s == "" {
 		return def
@@ -251,6 +271,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	logger := newLogger(cfg.logFormat, stderr)
+	if cfg.tlsCertFile != "" {
+		// Checked here, so that a bad pair stops the start instead of the serving.
+		if _, err := tls.LoadX509KeyPair(cfg.tlsCertFile, cfg.tlsKeyFile); err != nil {
+			return fmt.Errorf("TLS_CERT_FILE, TLS_KEY_FILE: %w", err)
+		}
+	}
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
@@ -281,7 +307,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		fmt.Fprintf(stdout, "messenger serving /metrics on http://%s\n", cfg.metricsAddr)
 	}
 	ln = newConnLimiter(ln, cfg.connMaxPerAddr, cfg.connMax, srv.trusted, srv.metrics)
-	fmt.Fprintf(stdout, "messenger listening on http://%s\n", ln.Addr())
+	fmt.Fprintf(stdout, "messenger listening on %s://%s\n", cfg.scheme(), ln.Addr())
 	return srv.serve(ctx, ln)
 }
 
@@ -295,12 +321,16 @@ type server struct {
 	metrics  *metrics
 	logger   *slog.Logger
 	http     *http.Server
-	listener *pq.Listener
+	listener *pgListener
 	bus      *natsBus // nil unless NATS_URL is set
 	notifier *notifier
 	sends    *sendBatcher
-	done     chan struct{} // closed when the background goroutines have stopped
-	stop     context.CancelFunc
+
+	// The background work, in the order close stops it.
+	listening *group // the listener and the bus: notifications in
+	sending   *group // the send workers
+	notifying *group // the notifier: notifications out
+	upkeep    *group // stream syncs, session checks, clean-up, retention
 
 	sessionCache *sessionCache // open sessions, remembered briefly (see sessions.go)
 }
@@ -326,7 +356,6 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		limits:  newRateLimits(cfg),
 		metrics: m,
 		logger:  logger,
-		done:    make(chan struct{}),
 
 		sessionCache: newSessionCache(),
 	}
@@ -342,40 +371,27 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	s.hub.bus = s.bus
 	s.notifier = newNotifier(db, s.hub, s.bus, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
-	s.listener = pq.NewListener(cfg.listenURL, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
-		if err != nil {
-			logger.Warn("event listener", "state", ev.String(), "err", err)
-		}
-	})
-	for _, channel := range channels {
-		if err := s.listener.Listen(channel); err != nil {
-			s.listener.Close()
-			s.bus.close()
-			db.Close()
-			return nil, fmt.Errorf("listen for events: %w", err)
-		}
+	sessions := newSessionWatcher(s.hub, s.sessionCache, db, cfg.sessionCheckInterval, logger)
+	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions.noted, m, logger); err != nil {
+		s.bus.close()
+		db.Close()
+		return nil, err
 	}
-	sessions := newSessionWatcher(s.hub, db, cfg.sessionCheckInterval, logger)
-	s.hub.sessionNotes = func(payload string) {
-		s.sessionCache.clear()
-		sessions.noted(payload)
-	}
-	bg, stop := context.WithCancel(context.Background())
-	s.stop = stop
-	var wg sync.WaitGroup
-	wg.Go(func() { s.hub.run(bg, s.listener.Notify, cfg.syncInterval, s.listener.Ping) })
-	wg.Go(func() { s.sends.run(bg) })
-	wg.Go(func() { s.notifier.run(bg) })
+
+	// The background work, in the groups that stop in turn (see close).
+	listeners := []func(context.Context){func(ctx context.Context) { s.listener.run(ctx, cfg.syncInterval) }}
 	if s.bus != nil {
-		wg.Go(func() { s.bus.run(bg, s.hub) })
+		listeners = append(listeners, func(ctx context.Context) { s.bus.run(ctx, s.hub) })
 	}
-	wg.Go(func() { s.cleanUp(bg) })
-	wg.Go(func() { sessions.run(bg) })
-	wg.Go(func() { every(bg, cfg.pruneInterval, nil, func() { s.pruneEvents(bg) }) })
-	go func() {
-		wg.Wait()
-		close(s.done)
-	}()
+	s.listening = startGroup(listeners...)
+	s.sending = startGroup(s.sends.run)
+	s.notifying = startGroup(s.notifier.run)
+	s.upkeep = startGroup(
+		func(ctx context.Context) { s.hub.syncStreams(ctx, cfg.syncInterval) },
+		sessions.run,
+		s.cleanUp,
+		func(ctx context.Context) { every(ctx, cfg.pruneInterval, nil, func() { s.pruneEvents(ctx) }) },
+	)
 
 	s.http = &http.Server{
 		Handler:           s.routes(),
@@ -387,9 +403,22 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		// No WriteTimeout: it would end every event stream. Streams set a deadline
 		// per write, and other handlers answer from the database, whose calls are
 		// bounded by requestTimeout.
+		Protocols: serverProtocols(),
 	}
 	s.http.RegisterOnShutdown(s.hub.closeAll)
 	return s, nil
+}
+
+// serverProtocols are the protocols the server speaks: HTTP/1.1; HTTP/2 over TLS,
+// which browsers use (one connection for all of a person's tabs, where HTTP/1.1
+// allows 6 connections to a site and so at most 6 open streams); and cleartext
+// HTTP/2 with prior knowledge (h2c), which reverse proxies speak to back ends.
+func serverProtocols() *http.Protocols {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetHTTP2(true)
+	p.SetUnencryptedHTTP2(true)
+	return &p
 }
 
 // serve answers requests on ln until ctx is done, then shuts down gracefully: it
@@ -397,7 +426,13 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 // waits for requests in flight.
 func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	errc := make(chan error, 1)
-	go func() { errc <- s.http.Serve(ln) }()
+	go func() {
+		if s.cfg.tlsCertFile != "" {
+			errc <- s.http.ServeTLS(ln, s.cfg.tlsCertFile, s.cfg.tlsKeyFile)
+			return
+		}
+		errc <- s.http.Serve(ln)
+	}()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
@@ -408,8 +443,8 @@ func (s *server) serve(ctx context.Context, ln net.Listener) error {
 	if err := s.http.Shutdown(shutdownCtx); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
-	// Streams run outside the HTTP server (see handleStream); Shutdown has ended
-	// them through closeAll, and they finish their last write here.
+	// Hijacked streams run outside the HTTP server (see handleStream); Shutdown
+	// has ended them through closeAll, and they finish their last write here.
 	streamsDone := make(chan struct{})
 	go func() {
 		s.hub.running.Wait()
@@ -447,16 +482,49 @@ func (s *server) serveMetrics(addr string) (stop func(), err error) {
 	}, nil
 }
 
-// close stops the background work (the send workers finish their batches, the
-// notifier sends what is queued, through the bus if there is one) and closes the
-// database. It runs after the HTTP server has shut down, so no request is left
-// waiting on a batch.
+// close stops what newServer started, after serve has shut the HTTP server down
+// (it stopped accepting, ended every stream with a last retry and waited for the
+// requests in flight, so no request is left waiting on a send). The whole order of
+// a shutdown is:
+//
+//  1. stop accepting connections; end every stream (serve);
+//  2. stop the listener and the bus's subscriptions: no more notifications in;
+//  3. drain the send workers: batches in flight commit and are answered;
+//  4. stop the notifier, which sends what the last batches queued, through the bus
+//     if there is one; then close the bus's connection and the listener's;
+//  5. stop the upkeep loops (stream syncs, session checks, clean-up, retention);
+//  6. close the database.
 func (s *server) close() {
-	s.stop()
-	<-s.done
+	s.listening.stop()
+	s.sending.stop()
+	s.notifying.stop()
 	s.bus.close()
-	s.listener.Close()
+	s.listener.close()
+	s.upkeep.stop()
 	s.db.Close()
+}
+
+// group is background work that runs until stopped.
+type group struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// startGroup runs each fn on a goroutine of its own with a context that stop
+// cancels.
+func startGroup(fns ...func(ctx context.Context)) *group {
+	ctx, cancel := context.WithCancel(context.Background())
+	g := &group{cancel: cancel}
+	for _, fn := range fns {
+		g.wg.Go(func() { fn(ctx) })
+	}
+	return g
+}
+
+// stop cancels the group's context and waits until every goroutine has returned.
+func (g *group) stop() {
+	g.cancel()
+	g.wg.Wait()
 }
 
 // cleanUp deletes expired idempotency keys and sessions once an hour.

@@ -128,7 +128,7 @@ func methodLabel(method string) string {
 
 // statusLabel returns the status code as text if net/http knows it, else "other".
 func statusLabel(status int) string {
-	if http.StatusText(status) == "" {
+	if http.StatusText(status) == "" && status != statusClientGone {
 		return "other"
 	}
 	return strconv.Itoa(status)

@@ -23,9 +23,14 @@ var schemaSQL string
 //go:embed migrations/*.sql
 var migrationFiles embed.FS
 
-// migrationTimeout bounds how long start-up waits for the migrations, including the
-// wait for another instance that holds the migration lock.
-const migrationTimeout = 2 * time.Minute
+// migrationTimeout bounds how long start-up spends on the migrations: generous,
+// since an index built CONCURRENTLY on a large table takes a while, and cancelling
+// it would leave an invalid index. The wait for another instance that holds the
+// migration lock is bounded separately, by lockWait.
+const (
+	migrationTimeout = 30 * time.Minute
+	lockWait         = 2 * time.Minute
+)
 
 // migrate brings the database up to the newest migration. Instances starting
 // together take turns: goose's table lock (a row in goose_lock, not a session
@@ -57,7 +62,7 @@ func newMigrator(db *sql.DB) (*goose.Provider, error) {
 		return nil, fmt.Errorf("migrations: %w", err)
 	}
 	locker, err := lock.NewPostgresTableLocker(
-		lock.WithTableLockTimeout(500*time.Millisecond, uint64(migrationTimeout/(500*time.Millisecond))),
+		lock.WithTableLockTimeout(500*time.Millisecond, uint64(lockWait/(500*time.Millisecond))),
 	)
 	if err != nil {
 		return nil, fmt.Errorf("migration lock: %w", err)

@@ -241,3 +241,34 @@ func TestMigrateConcurrently(t *testing.T) {
 		t.Errorf("goose_db_version: got %d rows of %d versions, want %d of %d", rows, versions, want, want)
 	}
 }
+
+// TestMigrationRebuildsInvalidIndex: an index build of migration 00004 that was
+// interrupted leaves an INVALID events_created behind; the migration must not take
+// it as done (the pruner would scan the whole log).
+func TestMigrationRebuildsInvalidIndex(t *testing.T) {
+	t.Parallel()
+	_, db := openPrivateDatabase(t)
+	p, err := newMigrator(db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.UpTo(context.Background(), 3); err != nil {
+		t.Fatalf("migrate to 3: %v", err)
+	}
+	mustExec(t, db, `INSERT INTO users (username) VALUES ('ix')`)
+	mustExec(t, db, `INSERT INTO events (user_id, seq, kind, payload, created_at)
+		SELECT (SELECT id FROM users WHERE username = 'ix'), g, 'read', '{}', '2026-01-01' FROM generate_series(1, 2) g`)
+	// A unique index on equal values fails to build, as an interrupted build does,
+	// and leaves an INVALID index of the name behind.
+	if _, err := db.Exec(`CREATE UNIQUE INDEX CONCURRENTLY events_created ON events (created_at)`); err == nil {
+		t.Fatal("the stand-in build should fail")
+	}
+	mustMigrate(t, db)
+	var valid, unique bool
+	if err := db.QueryRow(`SELECT indisvalid, indisunique FROM pg_index WHERE indexrelid = 'events_created'::regclass`).Scan(&valid, &unique); err != nil {
+		t.Fatal(err)
+	}
+	if !valid || unique {
+		t.Errorf("events_created after migrating: valid %v, unique %v; want a valid, plain index", valid, unique)
+	}
+}

@@ -21,15 +21,30 @@ const oauthStateTTL = 10 * time.Minute
 // the value of the browser's state cookie. A state is good only in the browser that
 // started the sign-in (it holds the cookie), only until its expiry, and only as this
 // server wrote it. The client nonce is the web client's own (see handleGitHubStart),
-// carried through GitHub and handed back with the token; it may be empty.
+// carried through GitHub and handed back with the sign-in claim (see oauthClaims).
 type oauthStates struct {
 	key []byte
 }
 
 func newOAuthStates(tokenKey []byte) *oauthStates {
+	return &oauthStates{key: deriveKey(tokenKey, "messenger oauth state v1")}
+}
+
+// deriveKey returns the key for purpose derived from tokenKey, so that a MAC made
+// for one use is worth nothing in another.
+func deriveKey(tokenKey []byte, purpose string) []byte {
 	mac := hmac.New(sha256.New, tokenKey)
-	mac.Write([]byte("messenger oauth state v1"))
-	return &oauthStates{key: mac.Sum(nil)}
+	mac.Write([]byte(purpose))
+	return mac.Sum(nil)
+}
+
+// macOf is the MAC under key of head and the value it is bound to.
+func macOf(key []byte, head, bound string) []byte {
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte(head))
+	mac.Write([]byte{0})
+	mac.Write([]byte(bound))
+	return mac.Sum(nil)
 }
 
 // browserCookieLen is the length of the state cookie's value: 16 random bytes,
@@ -43,12 +58,9 @@ func newBrowserValue() string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-// validClientNonce reports whether s may be a client nonce: empty, or 16 to 64
-// characters of the base64url alphabet.
+// validClientNonce reports whether s may be a client nonce: 16 to 64 characters
+// of the base64url alphabet.
 func validClientNonce(s string) bool {
-	if s == "" {
-		return true
-	}
 	if len(s) < 16 || len(s) > 64 {
 		return false
 	}
@@ -69,7 +81,7 @@ func (o *oauthStates) issue(cookie, clientNonce string, exp time.Time) string {
 	n := make([]byte, 16)
 	rand.Read(n)
 	head := strconv.FormatInt(exp.Unix(), 10) + "." + base64.RawURLEncoding.EncodeToString(n) + "." + clientNonce
-	return head + "." + base64.RawURLEncoding.EncodeToString(o.mac(head, cookie))
+	return head + "." + base64.RawURLEncoding.EncodeToString(macOf(o.key, head, cookie))
 }
 
 // check returns the client nonce of state if this server issued it for the browser
@@ -84,7 +96,7 @@ func (o *oauthStates) check(state, cookie string, now time.Time) (clientNonce st
 	}
 	head, sig64 := state[:i], state[i+1:]
 	sig, err := base64.RawURLEncoding.DecodeString(sig64)
-	if err != nil || !hmac.Equal(sig, o.mac(head, cookie)) {
+	if err != nil || !hmac.Equal(sig, macOf(o.key, head, cookie)) {
 		return "", false
 	}
 	parts := strings.Split(head, ".")
@@ -98,16 +110,64 @@ func (o *oauthStates) check(state, cookie string, now time.Time) (clientNonce st
 	return parts[2], true
 }
 
-func (o *oauthStates) mac(head, cookie string) []byte {
-	mac := hmac.New(sha256.New, o.key)
-	mac.Write([]byte(head))
-	mac.Write([]byte{0})
-	mac.Write([]byte(cookie))
-	return mac.Sum(nil)
+// oauthClaimTTL is how long the web client has to claim a session after GitHub
+// sent the person back.
+const oauthClaimTTL = 2 * time.Minute
+
+// oauthClaims issues and checks the codes with which the web client claims the
+// session of a GitHub sign-in, storing nothing: a code is "<user>.<expiry>.<MAC>",
+// where the MAC, under a key derived from the token key for this use alone, covers
+// both and the client's nonce. The callback hands a code out instead of a session,
+// so a sign-in forced on a browser by another site (which never learns the code,
+// nor has the page's nonce) starts no session.
+type oauthClaims struct {
+	key []byte
+}
+
+func newOAuthClaims(tokenKey []byte) *oauthClaims {
+	return &oauthClaims{key: deriveKey(tokenKey, "messenger oauth claim v1")}
+}
+
+// issue returns a code that claims a session of user for the client holding
+// nonce, until exp.
+func (o *oauthClaims) issue(user int64, nonce string, exp time.Time) string {
+	head := strconv.FormatInt(user, 10) + "." + strconv.FormatInt(exp.Unix(), 10)
+	return head + "." + base64.RawURLEncoding.EncodeToString(macOf(o.key, head, nonce))
+}
+
+// check returns the user of code if this server issued it for nonce and it has
+// not expired.
+func (o *oauthClaims) check(code, nonce string, now time.Time) (user int64, ok bool) {
+	if len(code) > 128 || !validClientNonce(nonce) {
+		return 0, false
+	}
+	i := strings.LastIndexByte(code, '.')
+	if i < 0 {
+		return 0, false
+	}
+	head, sig64 := code[:i], code[i+1:]
+	sig, err := base64.RawURLEncoding.DecodeString(sig64)
+	if err != nil || !hmac.Equal(sig, macOf(o.key, head, nonce)) {
+		return 0, false
+	}
+	userText, expText, found := strings.Cut(head, ".")
+	if !found {
+		return 0, false
+	}
+	user, err = strconv.ParseInt(userText, 10, 64)
+	if err != nil || user <= 0 {
+		return 0, false
+	}
+	exp, err := strconv.ParseInt(expText, 10, 64)
+	if err != nil || !now.Before(time.Unix(exp, 0)) {
+		return 0, false
+	}
+	return user, true
 }
 
 // stateCookieFor returns the state cookie to set, keeping the value of a browser
-// that already has one, so that sign-ins started in two tabs both work.
+// that already has one, so that sign-ins started in two tabs both work. The
+// callback leaves it be for the same reason; it expires with the states.
 func (s *server) stateCookieFor(r *http.Request) *http.Cookie {
 	value := newBrowserValue()
 	if c, err := r.Cookie(stateCookie); err == nil && len(c.Value) == browserCookieLen && isBase64URL(c.Value) {

@@ -88,7 +88,7 @@ func (s *server) endSessions(ctx context.Context, user, session int64, keep int,
 		return fmt.Errorf("end sessions: %w", err)
 	}
 	if n > 0 {
-		s.sessionCache.clear()
+		s.sessionCache.forgetUser(user)
 	}
 	s.metrics.sessionsEnded.WithLabelValues(reason).Add(float64(n))
 	return nil
@@ -199,9 +199,24 @@ func (c *sessionCache) clear() {
 	c.gen++
 }
 
+// forgetUser forgets the sessions of user, whose sessions ended: one person
+// signing out must not send every other session's next request to the database.
+// gen moves on too, so that no lookup in flight stores what it found before.
+func (c *sessionCache) forgetUser(user int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for id, e := range c.entries {
+		if e.userID == user {
+			delete(c.entries, id)
+		}
+	}
+	c.gen++
+}
+
 // sessionWatcher ends the local streams of sessions that ended.
 type sessionWatcher struct {
 	hub      *Hub
+	cache    *sessionCache // forgets the sessions of each user announced
 	db       *sql.DB
 	logger   *slog.Logger
 	interval time.Duration
@@ -211,8 +226,8 @@ type sessionWatcher struct {
 	wake  chan struct{}
 }
 
-func newSessionWatcher(hub *Hub, db *sql.DB, interval time.Duration, logger *slog.Logger) *sessionWatcher {
-	return &sessionWatcher{hub: hub, db: db, logger: logger, interval: interval,
+func newSessionWatcher(hub *Hub, cache *sessionCache, db *sql.DB, interval time.Duration, logger *slog.Logger) *sessionWatcher {
+	return &sessionWatcher{hub: hub, cache: cache, db: db, logger: logger, interval: interval,
 		users: make(map[int64]bool), wake: make(chan struct{}, 1)}
 }
 
@@ -225,8 +240,10 @@ func (sw *sessionWatcher) noted(payload string) {
 	}
 	if err := json.Unmarshal([]byte(payload), &n); err != nil {
 		sw.logger.Error("decode session notification", "err", err)
+		sw.cache.clear() // whose sessions ended is unknown: forget them all
 		return
 	}
+	sw.cache.forgetUser(n.User)
 	if !sw.hub.hasStreams(n.User) {
 		return
 	}

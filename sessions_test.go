@@ -433,6 +433,18 @@ func TestSessionCache(t *testing.T) {
 		t.Errorf("clear kept an entry")
 	}
 
+	// Forgetting one user's sessions keeps the others'.
+	_, gen, _ = c.get(0, 0, now)
+	c.put(5, 10, ends, now, gen)
+	c.put(6, 11, ends, now, gen)
+	c.forgetUser(10)
+	if _, _, ok := c.get(5, 10, now); ok {
+		t.Errorf("forgetUser kept the user's session")
+	}
+	if _, _, ok := c.get(6, 11, now); !ok {
+		t.Errorf("forgetUser dropped another user's session")
+	}
+
 	_, gen, _ = c.get(0, 0, now)
 	for i := range int64(maxCachedSessions + 10) {
 		c.put(i+1, 10, ends, now, gen)

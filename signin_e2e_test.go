@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -11,9 +12,10 @@ import (
 )
 
 // TestE2EGitHubSignIn: a sign-in through GitHub works in the browser that started
-// it; a callback link carrying another account's token does not sign a browser in,
-// nor one whose nonce is not the one this tab stored; /callback#error= shows only
-// the client's own texts.
+// it, claiming its session from /callback; a callback link carrying another
+// account's code does not sign a browser in (nor start a session), nor one whose
+// nonce is not the one this tab stored; a code the server refuses shows the
+// client's own text, as /callback#error= does.
 func TestE2EGitHubSignIn(t *testing.T) {
 	gh := newGitHub(t)
 	port := strconv.Itoa(freePort(t))
@@ -24,9 +26,10 @@ func TestE2EGitHubSignIn(t *testing.T) {
 	malloryID := 1e11 + time.Now().UnixNano()%1e11
 	_, state, cookie := oauthStart(t, ts, "?nonce=mallorys-own-nonce-0123", "")
 	res, frag := oauthCallback(t, ts, state, gitHubCode(malloryID, uniqueName("mallory")), cookie)
-	if res.status != http.StatusFound || frag.Get("token") == "" {
+	if res.status != http.StatusFound || frag.Get("code") == "" {
 		t.Fatalf("mallory's sign-in: got %d %s", res.status, res.body)
 	}
+	mallory, _ := strconv.ParseInt(strings.Split(frag.Get("code"), ".")[0], 10, 64)
 	forged := ts.URL + "/callback#" + frag.Encode()
 
 	b := newBrowser(t, ts, "vic", desktop)
@@ -40,6 +43,15 @@ func TestE2EGitHubSignIn(t *testing.T) {
 		chromedp.Evaluate[chromedp.Void](`sessionStorage.setItem('messenger.githubNonce', 'vics-own-nonce-0123456')`),
 		chromedp.Navigate(forged))
 	b.waitUntil("the link is refused", signedOut+jsString(notStartedHere))
+	if n := sessionRows(t, ts.DB, mallory); n != 0 {
+		t.Fatalf("mallory's account has %d sessions after vic's browser refused her link, want 0", n)
+	}
+
+	// A code the server refuses (forged, or past its two minutes) signs nobody in.
+	b.do("open a forged code with this tab's nonce",
+		chromedp.Evaluate[chromedp.Void](`sessionStorage.setItem('messenger.githubNonce', 'vics-own-nonce-0123456')`),
+		chromedp.Navigate(ts.URL+"/callback#code=1.2.forged&nonce=vics-own-nonce-0123456"))
+	b.waitUntil("the code is refused", signedOut+jsString("Sign-in with GitHub did not finish. Please try again."))
 
 	// Error texts come from the client, never from the address.
 	for _, tc := range []struct{ hash, want string }{
@@ -70,8 +82,12 @@ func TestE2EGitHubSignIn(t *testing.T) {
 		t.Fatalf("signed in as %q, want %q", me.Username, vic)
 	}
 
+	if n := sessionRows(t, ts.DB, mallory); n != 0 {
+		t.Fatalf("mallory's account has %d sessions, want 0", n)
+	}
+
 	// Declining on GitHub comes back as access_denied.
-	_, state, cookie = oauthStart(t, ts, "", "")
+	_, state, cookie = oauthStart(t, ts, "?nonce="+newNonce(), "")
 	res = mustRaw(t, "GET", ts.URL+"/api/oauth/github/callback?"+url.Values{"state": {state},
 		"error": {"access_denied"}, "error_description": {"The user has denied your application access."}}.Encode(),
 		nil, http.Header{"Cookie": {stateCookie + "=" + cookie}})

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/cookiejar"
 	"net/http/httptest"
 	"net/url"
 	"regexp"
@@ -129,6 +130,29 @@ func oauthCallback(t testing.TB, ts *testServer, state, code, cookie string) (ra
 	return res, frag
 }
 
+// claimSession claims the session of a GitHub sign-in with the code and nonce of
+// the callback's fragment, as the web client does.
+func claimSession(t testing.TB, ts *testServer, code, nonce string) rawResponse {
+	t.Helper()
+	body, _ := json.Marshal(map[string]string{"code": code, "nonce": nonce})
+	return mustRaw(t, "POST", ts.URL+"/api/oauth/github/claim", body, jsonHeader(""))
+}
+
+// mustClaim claims the session of frag, the callback's fragment, and returns its
+// token.
+func mustClaim(t testing.TB, ts *testServer, frag url.Values) string {
+	t.Helper()
+	res := claimSession(t, ts, frag.Get("code"), frag.Get("nonce"))
+	var auth authResponse
+	if res.status != http.StatusOK || json.Unmarshal(res.body, &auth) != nil || auth.Token == "" {
+		t.Fatalf("claim %v: got %d %s, want 200 with a token", frag, res.status, res.body)
+	}
+	return auth.Token
+}
+
+// newNonce returns a fresh client nonce, as the web client makes one.
+func newNonce() string { return randomHex(16) }
+
 // TestOAuthStartStoresNothing: starting sign-ins writes no row, however many.
 func TestOAuthStartStoresNothing(t *testing.T) {
 	t.Parallel()
@@ -140,7 +164,7 @@ func TestOAuthStartStoresNothing(t *testing.T) {
 		if i%2 == 1 {
 			cookie = newBrowserValue()
 		}
-		if res, state, _ := oauthStart(t, ts, "", cookie); res.status != http.StatusFound || state == "" {
+		if res, state, _ := oauthStart(t, ts, "?nonce="+newNonce(), cookie); res.status != http.StatusFound || state == "" {
 			t.Fatalf("start %d: got %d %s, want 302 with a state", i, res.status, res.body)
 		}
 	}
@@ -150,8 +174,9 @@ func TestOAuthStartStoresNothing(t *testing.T) {
 }
 
 // TestOAuthState: the callback takes only a state this server issued, before it
-// expires, in the browser that started the sign-in; and it hands the client's
-// nonce back with the token.
+// expires, in the browser that started the sign-in, and sends any other to the web
+// client's error page; it hands the client's nonce back with the claim code; and
+// the start needs a nonce.
 func TestOAuthState(t *testing.T) {
 	t.Parallel()
 	gh := newGitHub(t)
@@ -159,53 +184,200 @@ func TestOAuthState(t *testing.T) {
 	ts := newTestServer(t, append(gh.env(), "TOKEN_KEY="+key)...)
 	ghID := time.Now().UnixNano() % 1e12
 	code := gitHubCode(ghID, uniqueName("gh"))
-	nonce := "n0nce-" + randomHex(8)
+	nonce, nonce2 := "n0nce-"+randomHex(8), newNonce()
 
 	// A sign-in that works, carrying the client's nonce; the browser keeps its
 	// cookie value across starts, so two tabs may sign in at once.
 	_, state, browser := oauthStart(t, ts, "?nonce="+nonce, "")
-	_, state2, browser2 := oauthStart(t, ts, "", browser)
+	_, state2, browser2 := oauthStart(t, ts, "?nonce="+nonce2, browser)
 	if browser == "" || browser2 != browser {
 		t.Fatalf("got cookies %q then %q, want one value kept", browser, browser2)
 	}
 	res, frag := oauthCallback(t, ts, state, code, browser)
-	if res.status != http.StatusFound || frag.Get("token") == "" || frag.Get("nonce") != nonce {
-		t.Fatalf("callback: got %d to %s, want 302 with a token and nonce %s", res.status, res.header.Get("Location"), nonce)
+	if res.status != http.StatusFound || frag.Get("code") == "" || frag.Get("nonce") != nonce || frag.Has("token") {
+		t.Fatalf("callback: got %d to %s, want 302 with a code and nonce %s", res.status, res.header.Get("Location"), nonce)
 	}
-	if res, frag := oauthCallback(t, ts, state2, code, browser); res.status != http.StatusFound || frag.Has("nonce") {
-		t.Fatalf("second tab: got %d to %s, want 302 without a nonce", res.status, res.header.Get("Location"))
+	mustClaim(t, ts, frag)
+	if res, frag := oauthCallback(t, ts, state2, code, browser); res.status != http.StatusFound || frag.Get("nonce") != nonce2 {
+		t.Fatalf("second tab: got %d to %s, want 302 with nonce %s", res.status, res.header.Get("Location"), nonce2)
 	}
 
 	other := newOAuthStates([]byte(strings.Repeat("x", 40)))
-	_, fresh, mine := oauthStart(t, ts, "", "")
-	_, _, theirs := oauthStart(t, ts, "", "")
+	_, fresh, mine := oauthStart(t, ts, "?nonce="+newNonce(), "")
+	_, _, theirs := oauthStart(t, ts, "?nonce="+newNonce(), "")
 	for _, tc := range []struct{ name, state, cookie string }{
 		{"another browser", fresh, theirs},
 		{"no cookie", fresh, ""},
 		{"a malformed cookie", fresh, mine + "x"},
-		{"a MAC under another key", other.issue(mine, "", time.Now().Add(time.Minute)), mine},
+		{"a MAC under another key", other.issue(mine, nonce, time.Now().Add(time.Minute)), mine},
 		{"a changed nonce", strings.Replace(fresh, ".", ".A", 2), mine},
-		{"an expired state", newOAuthStates([]byte(key)).issue(mine, "", time.Now().Add(-time.Second)), mine},
+		{"an expired state", newOAuthStates([]byte(key)).issue(mine, nonce, time.Now().Add(-time.Second)), mine},
+		{"no client nonce", newOAuthStates([]byte(key)).issue(mine, "", time.Now().Add(time.Minute)), mine},
 		{"an empty state", "", mine},
 		{"garbage", "a.b.c.d.e", mine},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			res, frag := oauthCallback(t, ts, tc.state, code, tc.cookie)
-			if res.status != http.StatusBadRequest || frag.Has("token") {
-				t.Fatalf("got %d %s, want 400", res.status, res.body)
+			res, _ := oauthCallback(t, ts, tc.state, code, tc.cookie)
+			if loc := res.header.Get("Location"); res.status != http.StatusFound || !strings.HasSuffix(loc, "/callback#error=sign_in_failed") {
+				t.Fatalf("got %d to %q %s, want 302 to /callback#error=sign_in_failed", res.status, loc, res.body)
 			}
 		})
 	}
 	// The same state, signed with the right key and not yet expired, works.
-	if res, _ := oauthCallback(t, ts, newOAuthStates([]byte(key)).issue(mine, "", time.Now().Add(time.Minute)), code, mine); res.status != http.StatusFound {
-		t.Fatalf("valid state: got %d %s, want 302", res.status, res.body)
+	if res, frag := oauthCallback(t, ts, newOAuthStates([]byte(key)).issue(mine, nonce, time.Now().Add(time.Minute)), code, mine); res.status != http.StatusFound || frag.Get("code") == "" {
+		t.Fatalf("valid state: got %d to %s, want 302 with a code", res.status, res.header.Get("Location"))
 	}
 
-	// A malformed client nonce is refused at the start.
-	for _, bad := range []string{"short", strings.Repeat("a", 65), "has.dot.in.it.abcdef", "spaces%20are%20not%20ok"} {
-		if res, _, _ := oauthStart(t, ts, "?nonce="+bad, ""); res.status != http.StatusBadRequest {
-			t.Errorf("nonce %q: got %d, want 400", bad, res.status)
+	// A missing or malformed client nonce is refused at the start.
+	for _, query := range []string{"", "?nonce=", "?nonce=short", "?nonce=" + strings.Repeat("a", 65), "?nonce=has.dot.in.it.abcdef", "?nonce=spaces%20are%20not%20ok"} {
+		if res, _, _ := oauthStart(t, ts, query, ""); res.status != http.StatusBadRequest {
+			t.Errorf("start%s: got %d, want 400", query, res.status)
 		}
+	}
+}
+
+// sessionRows counts the sessions of user, open or ended.
+func sessionRows(t testing.TB, db *sql.DB, user int64) int {
+	t.Helper()
+	var n int
+	if err := db.QueryRow(`SELECT count(*) FROM sessions WHERE user_id = $1`, user).Scan(&n); err != nil {
+		t.Fatalf("count sessions: %v", err)
+	}
+	return n
+}
+
+// TestOAuthForcedSignIns: sign-ins another site forces on a browser (start and
+// callback with the attacker's nonce, never claimed) start no session, so they
+// cannot push the person's real sessions out nor add rows.
+func TestOAuthForcedSignIns(t *testing.T) {
+	t.Parallel()
+	gh := newGitHub(t)
+	ts := newTestServer(t, gh.env()...)
+	id := 1e11 + time.Now().UnixNano()%1e11
+	login := "forced" + randomHex(3)
+	gh.signInAs(id, login)
+
+	// The real sign-in, claimed by the tab that started it.
+	_, state, browser := oauthStart(t, ts, "?nonce=realtabnonce_0123456", "")
+	res, frag := oauthCallback(t, ts, state, gitHubCode(id, login), browser)
+	if res.status != http.StatusFound {
+		t.Fatalf("real sign-in: got %d %s, want 302", res.status, res.body)
+	}
+	real := &client{t: t, base: ts.URL, Token: mustClaim(t, ts, frag)}
+	var me apiUser
+	real.mustDo("GET", "/api/auth_user", nil, http.StatusOK, &me)
+	userID, _ := strconv.ParseInt(me.ID, 10, 64)
+	before := sessionRows(t, ts.DB, userID)
+
+	for i := range 50 {
+		_, state, _ := oauthStart(t, ts, "?nonce=attackernonce_012345", browser)
+		if res, frag := oauthCallback(t, ts, state, gitHubCode(id, login), browser); res.status != http.StatusFound || frag.Get("code") == "" {
+			t.Fatalf("forced sign-in %d: got %d to %s, want 302 with a code", i, res.status, res.header.Get("Location"))
+		}
+	}
+	real.mustDo("GET", "/api/auth_user", nil, http.StatusOK, nil)
+	if after := sessionRows(t, ts.DB, userID); after != before {
+		t.Fatalf("got %d session rows after 50 forced sign-ins, want %d as before", after, before)
+	}
+}
+
+// TestOAuthTwoTabs: two sign-ins started in two tabs of one browser (one cookie
+// jar) both finish.
+func TestOAuthTwoTabs(t *testing.T) {
+	t.Parallel()
+	gh := newGitHub(t)
+	ts := newTestServer(t, gh.env()...)
+	id := 1e11 + time.Now().UnixNano()%1e11
+	code := gitHubCode(id, uniqueName("tabs"))
+	jar, _ := cookiejar.New(nil)
+	browser := &http.Client{Jar: jar, Timeout: 30 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	get := func(u string) *http.Response {
+		t.Helper()
+		resp, err := browser.Get(u)
+		if err != nil {
+			t.Fatalf("GET %s: %v", u, err)
+		}
+		resp.Body.Close()
+		return resp
+	}
+	start := func(nonce string) string {
+		t.Helper()
+		resp := get(ts.URL + "/api/oauth/github?nonce=" + nonce)
+		loc, err := url.Parse(resp.Header.Get("Location"))
+		if resp.StatusCode != http.StatusFound || err != nil {
+			t.Fatalf("start: got %d to %q", resp.StatusCode, resp.Header.Get("Location"))
+		}
+		return loc.Query().Get("state")
+	}
+	nonces := []string{newNonce(), newNonce()}
+	states := []string{start(nonces[0]), start(nonces[1])}
+	for i, state := range states {
+		resp := get(ts.URL + "/api/oauth/github/callback?" + url.Values{"state": {state}, "code": {code}}.Encode())
+		loc, _ := url.Parse(resp.Header.Get("Location"))
+		var frag url.Values
+		if loc != nil {
+			frag, _ = url.ParseQuery(loc.Fragment)
+		}
+		if resp.StatusCode != http.StatusFound || frag.Get("code") == "" || frag.Get("nonce") != nonces[i] {
+			t.Fatalf("tab %d: got %d to %q, want 302 with a code and its nonce", i+1, resp.StatusCode, resp.Header.Get("Location"))
+		}
+		(&client{t: t, base: ts.URL, Token: mustClaim(t, ts, frag)}).mustDo("GET", "/api/auth_user", nil, http.StatusOK, nil)
+	}
+}
+
+// TestOAuthClaim: a claim code is worth a session only with the nonce it was
+// issued for, under this server's key, before it expires; anything else is 400
+// and starts nothing. Claims count against the sign-in limit.
+func TestOAuthClaim(t *testing.T) {
+	t.Parallel()
+	gh := newGitHub(t)
+	key := strings.Repeat("c", 40)
+	ts := newTestServer(t, append(gh.env(), "TOKEN_KEY="+key)...)
+	id := 1e11 + time.Now().UnixNano()%1e11
+	nonce := newNonce()
+	_, state, browser := oauthStart(t, ts, "?nonce="+nonce, "")
+	_, frag := oauthCallback(t, ts, state, gitHubCode(id, uniqueName("claim")), browser)
+	code := frag.Get("code")
+	userID, _ := strconv.ParseInt(strings.Split(code, ".")[0], 10, 64)
+	if userID <= 0 || sessionRows(t, ts.DB, userID) != 0 {
+		t.Fatalf("callback: got code %q and %d sessions, want a code for a user without sessions", code, sessionRows(t, ts.DB, userID))
+	}
+	mine := newOAuthClaims([]byte(key))
+	for _, tc := range []struct{ name, code, nonce string }{
+		{"a wrong nonce", code, newNonce()},
+		{"no nonce", code, ""},
+		{"no code", "", nonce},
+		{"another user", strings.Replace(code, strconv.FormatInt(userID, 10), strconv.FormatInt(userID+1, 10), 1), nonce},
+		{"a MAC under another key", newOAuthClaims([]byte(strings.Repeat("x", 40))).issue(userID, nonce, time.Now().Add(time.Minute)), nonce},
+		{"a MAC for a state", newOAuthStates([]byte(key)).issue(browser, nonce, time.Now().Add(time.Minute)), nonce},
+		{"an expired code", mine.issue(userID, nonce, time.Now().Add(-time.Second)), nonce},
+		{"garbage", "a.b.c", nonce},
+		{"a long code", strings.Repeat("1", 200) + code, nonce},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if res := claimSession(t, ts, tc.code, tc.nonce); res.status != http.StatusBadRequest || strings.Contains(string(res.body), "token") {
+				t.Fatalf("got %d %s, want 400", res.status, res.body)
+			}
+		})
+	}
+	if n := sessionRows(t, ts.DB, userID); n != 0 {
+		t.Fatalf("got %d sessions after refused claims, want 0", n)
+	}
+	// The real code, with its nonce, starts one session.
+	mustClaim(t, ts, frag)
+	if n := sessionRows(t, ts.DB, userID); n != 1 {
+		t.Fatalf("got %d sessions after the claim, want 1", n)
+	}
+
+	// Claims count against the sign-in limit of the client's address.
+	limited := newTestServer(t, append(gh.env(), "RATE_LIMIT_LOGINS=1/h,2")...)
+	var got []int
+	for range 3 {
+		got = append(got, claimSession(t, limited, "a.b.c", nonce).status)
+	}
+	if fmt.Sprint(got) != "[400 400 429]" {
+		t.Fatalf("three claims under RATE_LIMIT_LOGINS=1/h,2: got %v, want [400 400 429]", got)
 	}
 }
 
@@ -217,13 +389,13 @@ func TestGitHubNameTaken(t *testing.T) {
 	ts := newTestServer(t, gh.env()...)
 	signIn := func(id int64, login string) apiUser {
 		t.Helper()
-		_, state, browser := oauthStart(t, ts, "", "")
+		_, state, browser := oauthStart(t, ts, "?nonce="+newNonce(), "")
 		res, frag := oauthCallback(t, ts, state, gitHubCode(id, login), browser)
 		if res.status != http.StatusFound {
 			t.Fatalf("sign in as %s: got %d %s, want 302", login, res.status, res.body)
 		}
 		var u apiUser
-		(&client{t: t, base: ts.URL, Token: frag.Get("token")}).mustDo("GET", "/api/auth_user", nil, http.StatusOK, &u)
+		(&client{t: t, base: ts.URL, Token: mustClaim(t, ts, frag)}).mustDo("GET", "/api/auth_user", nil, http.StatusOK, &u)
 		return u
 	}
 	id := 1e11 + time.Now().UnixNano()%1e11 // 12 digits: "-<id>" is 13 characters
@@ -265,7 +437,7 @@ func BenchmarkOAuthStart(b *testing.B) {
 	start := time.Now()
 	b.ResetTimer()
 	for range b.N {
-		res, err := rawDo("GET", ts.URL+"/api/oauth/github", nil, nil)
+		res, err := rawDo("GET", ts.URL+"/api/oauth/github?nonce=benchmark-nonce-0123", nil, nil)
 		if err != nil || res.status != http.StatusFound {
 			b.Fatalf("start: %v %d", err, res.status)
 		}

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mathrand "math/rand/v2"
 	"mime"
 	"net"
 	"net/http"
@@ -80,8 +81,6 @@ type Hub struct {
 	// origin names this instance in the notifications it sends (see notification).
 	origin string
 
-	// sessionNotes, if set, takes the payloads of sessionsChannel's notifications.
-	sessionNotes func(payload string)
 	// bus, if set, carries the wake-ups instead of NOTIFY: the hub subscribes to a
 	// user's on their first stream here and unsubscribes on their last.
 	bus    *natsBus
@@ -139,11 +138,12 @@ func newHub(db *sql.DB, cfg config, m *metrics, logger *slog.Logger) *Hub {
 
 // stream is one open GET /api/messages response.
 type stream struct {
-	userID int64
-	events chan *event
-	done   chan struct{} // closed by end: the hub wants this stream gone
-	ended  atomic.Bool
-	slow   atomic.Bool // ended because it fell behind
+	userID   int64
+	events   chan *event
+	done     chan struct{} // closed by end: the hub wants this stream gone
+	ended    atomic.Bool
+	slow     atomic.Bool // ended because it fell behind
+	shutdown atomic.Bool // ended because the server is shutting down
 
 	// sessionID is the session of the token that opened the stream, and
 	// sessionEnded why that session ended, if that is why the stream was ended.
@@ -278,48 +278,24 @@ func (h *Hub) closeAll() {
 	h.closed = true
 	for _, set := range h.streams {
 		for st := range set {
+			st.shutdown.Store(true)
 			st.end()
 		}
 	}
 }
 
-// run feeds notifications to the streams until ctx is done. A nil notification
-// means the listener reconnected and may have missed some, so every stream is
-// synced with the log; so it is every syncInterval, whatever happens. Syncing and
-// pinging the listener run on goroutines of their own: this one must never stop
-// draining notes, or the listener's connection (which a ping also needs) stalls.
-func (h *Hub) run(ctx context.Context, notes <-chan *pq.Notification, syncInterval time.Duration, ping func() error) {
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	wg.Go(func() { every(ctx, syncInterval, h.resync, func() { h.sync(ctx) }) })
-	wg.Go(func() {
-		every(ctx, syncInterval, nil, func() {
-			if err := ping(); err != nil && ctx.Err() == nil {
-				h.logger.Warn("event listener ping", "err", err)
-			}
-		})
-	})
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case n, ok := <-notes:
-			if !ok {
-				return // the listener was closed
-			}
-			if n == nil {
-				h.metrics.listenerReconnects.Inc()
-				h.resyncSoon()
-				continue
-			}
-			switch {
-			case n.Channel == notifyChannel:
-				h.dispatch(n.Extra)
-			case n.Channel == sessionsChannel && h.sessionNotes != nil:
-				h.sessionNotes(n.Extra)
-			}
-		}
-	}
+// shutdownRetry is the retry a stream ended by a shutdown sends last: a random
+// 1 to 5 seconds, so that the clients of an instance that stops come back to the
+// others spread over a few seconds rather than all at once.
+func shutdownRetry() []byte {
+	ms := 1000 + mathrand.IntN(4000)
+	return []byte("retry: " + strconv.Itoa(ms) + "\n\n")
+}
+
+// syncStreams syncs every stream with the event log every interval, and soon
+// after resyncSoon (a bus or the listener lost notifications), until ctx is done.
+func (h *Hub) syncStreams(ctx context.Context, interval time.Duration) {
+	every(ctx, interval, h.resync, func() { h.sync(ctx) })
 }
 
 // resyncSoon has every stream synced with the log: notifications may have been lost.
@@ -539,55 +515,73 @@ func lastEventID(r *http.Request) (id int64, ok bool, err error) {
 	return id, true, nil
 }
 
+// logBounds returns the head of user's event log (the seq of its last event, 0 when
+// it has none) and the oldest event the log still holds, head+1 when it holds none
+// (see pruneEvents): a lookup in the primary key (user_id, seq), read here rather
+// than kept up to date by the pruner in a column of users, whose rows every send
+// locks. It returns errTokenInvalid when the user no longer exists.
+func logBounds(ctx context.Context, db *sql.DB, user int64) (head, oldest int64, err error) {
+	err = db.QueryRowContext(ctx, `
+		SELECT u.event_seq, coalesce((SELECT min(e.seq) FROM events e WHERE e.user_id = u.id), u.event_seq + 1)
+		FROM users u WHERE u.id = $1`, user).Scan(&head, &oldest)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, 0, errTokenInvalid
+	}
+	if err != nil {
+		return 0, 0, fmt.Errorf("read event log bounds: %w", err)
+	}
+	return head, oldest, nil
+}
+
+// errNotEventStream answers a stream request that does not accept text/event-stream.
+var errNotEventStream = &apiError{kind: kindNotAcceptable,
+	msg: "this endpoint serves text/event-stream; send Accept: text/event-stream"}
+
 // handleStream serves GET /api/messages: the caller's events as Server-Sent Events,
-// live, after replaying whatever came after Last-Event-ID.
+// live, after replaying whatever came after Last-Event-ID. Until the stream starts,
+// it returns its failures like any apiHandler; after that, the stream's end is
+// logged (see streamConn.serve).
 //
-// Once the request is checked, the handler takes the connection over (Hijack) and
-// hands it to a goroutine of the stream's own, then returns: net/http would
-// otherwise keep about 10 KB of buffers and a second goroutine alive for the whole
-// life of every stream. The response is close-delimited (Connection: close, no
-// chunking), which every HTTP/1.1 client and proxy reads.
-func (s *server) handleStream() http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
+// Over HTTP/1.1 (unless SSE_HIJACK=false) the handler takes the connection over
+// (Hijack), hands it to a goroutine of the stream's own and returns: net/http
+// would otherwise keep its buffers and a second goroutine alive for the whole life
+// of every stream (docs/performance.md, "Streams over HTTP/1.1 and HTTP/2"). That
+// response is close-delimited (Connection: close, no chunking), which every
+// HTTP/1.1 client and proxy reads. Over HTTP/2 there is no connection to take: the
+// stream is served inside the handler, as one HTTP/2 stream of the connection.
+func (s *server) handleStream() apiHandler {
+	return func(w http.ResponseWriter, r *http.Request) error {
 		if !acceptsEventStream(r) {
-			s.respondError(w, r, &apiError{kind: kindNotAcceptable, msg: "this endpoint serves text/event-stream; send Accept: text/event-stream"})
-			return
+			return errNotEventStream
 		}
 		sess := sessionFrom(r.Context())
 		resumeFrom, resuming, err := lastEventID(r)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		st, err := s.hub.register(sess.userID, sess.sessionID, resuming)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
-		s.hub.bus.settle() // before the log's end is read (below)
-		handedOff := false
+		started := false // from then on, serve unregisters st
 		defer func() {
-			if !handedOff {
+			if !started {
 				s.hub.unregister(st)
 			}
 		}()
-
+		s.hub.bus.settle() // before the log's end is read (below)
+		// The session is looked up once more, past the cache, now that the stream
+		// is registered: a sign-out announced between the token check and the
+		// registration found no stream of this user here to end.
+		if _, err := openSessionEnd(r.Context(), s.db, sess.sessionID, sess.userID); err != nil {
+			return err
+		}
 		// The stream is registered before the log's end is read, so every event
 		// after that point is either in the log or in st.events (or, while the
-		// stream replays, below st.heldTo). oldest is the first event the log still
-		// holds, head+1 when it holds none (see pruneEvents): a lookup in the
-		// primary key (user_id, seq), read here rather than kept up to date by
-		// the pruner in a column of users, whose rows every send locks.
-		var head, oldest int64
-		err = s.db.QueryRowContext(r.Context(), `
-			SELECT u.event_seq, coalesce((SELECT min(e.seq) FROM events e WHERE e.user_id = u.id), u.event_seq + 1)
-			FROM users u WHERE u.id = $1`, sess.userID).Scan(&head, &oldest)
-		if errors.Is(err, sql.ErrNoRows) {
-			err = errTokenInvalid
-		}
+		// stream replays, below st.heldTo).
+		head, oldest, err := logBounds(r.Context(), s.db, sess.userID)
 		if err != nil {
-			s.respondError(w, r, err)
-			return
+			return err
 		}
 		last := head
 		var reset []byte
@@ -603,28 +597,29 @@ func (s *server) handleStream() http.HandlerFunc {
 		h.Set("Content-Type", "text/event-stream")
 		h.Set("Cache-Control", "no-cache")
 		h.Set("X-Accel-Buffering", "no")
-		h.Set("Connection", "close")
-		hello := []byte("HTTP/1.1 200 OK\r\n")
-		var hb bytes.Buffer
-		h.Write(&hb)
-		hello = append(hello, hb.Bytes()...)
-		hello = append(hello, "\r\n: connected\nretry: 2000\n\n"...)
 		// Tell the client where it stands before any replay (so ids never go back),
 		// so that a reconnect resumes here even if no event comes first: the id sets
 		// the EventSource's last event id, and the data makes it visible to scripts.
+		hello := []byte(": connected\nretry: 2000\n\n")
 		hello = append(hello, readyFrame(last)...)
 		hello = append(hello, reset...)
-		conn, _, err := http.NewResponseController(w).Hijack()
-		if err != nil {
-			s.respondError(w, r, fmt.Errorf("stream: hijack: %w", err))
-			return
+
+		sc := &streamConn{srv: s, st: st, last: last, expires: sess.expires}
+		if r.ProtoMajor == 1 && s.cfg.hijackStreams {
+			conn, start, err := hijackStream(w, hello)
+			if err != nil {
+				return fmt.Errorf("stream: %w", err)
+			}
+			sc.out = streamWriter{to: conn, timeout: s.cfg.writeTimeout, buf: start}
+			started = true
+			go sc.serve(context.Background(), last < head)
+			return nil
 		}
-		handedOff = true
-		sc := &streamConn{
-			srv: s, st: st, conn: conn, last: last, expires: sess.expires,
-			out: streamWriter{conn: conn, timeout: s.cfg.writeTimeout, buf: hello},
-		}
-		go sc.serve(last < head)
+		sc.out = streamWriter{to: newHandlerStream(w, r), timeout: s.cfg.writeTimeout, buf: hello}
+		w.WriteHeader(http.StatusOK)
+		started = true
+		sc.serve(r.Context(), last < head)
+		return nil
 	}
 }
 
@@ -663,11 +658,10 @@ func resumePoint(from, head, oldest int64, replayMax int) (last int64, why strin
 	return head, data.Reason, fmt.Appendf(nil, "id: %d\nevent: reset\ndata: %s\n\n", head, b)
 }
 
-// streamConn is one event stream after the handler handed it off.
+// streamConn is one event stream once it has started, over either transport.
 type streamConn struct {
 	srv     *server
 	st      *stream
-	conn    net.Conn
 	out     streamWriter
 	last    int64 // sequence number of the last event written
 	expires time.Time
@@ -675,19 +669,18 @@ type streamConn struct {
 
 // serve writes the stream until the client leaves, the hub ends it, its token
 // expires or a write fails; replay says the log holds events the client missed.
-func (sc *streamConn) serve(replay bool) {
+// Reads of the log take ctx: the request's, when the stream is served in its
+// handler, so that a departed client's reads stop too.
+func (sc *streamConn) serve(ctx context.Context, replay bool) {
 	s, st := sc.srv, sc.st
 	start := time.Now()
 	reason := "client left"
 	defer func() {
-		sc.conn.Close()
+		sc.out.to.close()
 		s.hub.unregister(st)
 		s.logger.Info("stream closed", "user", st.userID, "last", sc.last, "reason", reason,
 			"duration", time.Since(start).Round(time.Millisecond))
 	}()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-
 	if err := sc.out.flush(); err != nil {
 		reason = "write failed"
 		return
@@ -714,6 +707,13 @@ func (sc *streamConn) serve(replay bool) {
 				sc.out.write(sessionEndedFrame(*why))
 				sc.out.flush()
 			}
+			if st.shutdown.Load() {
+				reason = "server shutting down"
+				sc.out.write(shutdownRetry())
+				sc.out.flush()
+			}
+			return
+		case <-sc.out.to.gone():
 			return
 		case <-expiry.C:
 			reason = "token expired"
@@ -721,7 +721,7 @@ func (sc *streamConn) serve(replay bool) {
 			sc.out.flush()
 			return
 		case <-keepAlive.C:
-			if sc.clientLeft() {
+			if sc.out.to.left() {
 				return
 			}
 			sc.out.write([]byte(": keep-alive\n\n"))
@@ -762,26 +762,6 @@ func (sc *streamConn) replay(ctx context.Context, missed bool) error {
 		return sc.catchUp(ctx, held)
 	}
 	return nil
-}
-
-// clientLeft reports whether the client has closed its side of the connection. The
-// client sends nothing after its request, so a read that does not have to wait
-// either finds the end of the stream or nothing. Checking on each keep-alive,
-// instead of parking a goroutine in Read for the stream's whole life, saves 2 KB
-// of stack per idle stream; a departed client is noticed within SSE_KEEPALIVE
-// (or at once, by the next event's failed write).
-func (sc *streamConn) clientLeft() bool {
-	// A deadline already past would fail the read before it looks at the socket.
-	sc.conn.SetReadDeadline(time.Now().Add(time.Millisecond))
-	var b [64]byte
-	for {
-		_, err := sc.conn.Read(b[:])
-		if err == nil {
-			continue // stray bytes: ignore them
-		}
-		var ne net.Error
-		return !(errors.As(err, &ne) && ne.Timeout())
-	}
 }
 
 // handle writes one queued event, in sequence: it skips what was written already
@@ -834,11 +814,11 @@ func (sc *streamConn) catchUp(ctx context.Context, upTo int64) error {
 	return nil
 }
 
-// streamWriter buffers frames and writes them to the connection on flush, each
-// write with its own deadline, so that a client that stops reading is cut off
-// without a server-wide WriteTimeout. The first error sticks.
+// streamWriter buffers frames and sends them to the client on flush, each write
+// with its own deadline, so that a client that stops reading is cut off without a
+// server-wide WriteTimeout. The first error sticks.
 type streamWriter struct {
-	conn    net.Conn
+	to      streamTransport
 	timeout time.Duration
 	buf     []byte
 	err     error
@@ -854,9 +834,114 @@ func (sw *streamWriter) flush() error {
 	if sw.err != nil || len(sw.buf) == 0 {
 		return sw.err
 	}
-	sw.conn.SetWriteDeadline(time.Now().Add(sw.timeout))
-	_, sw.err = sw.conn.Write(sw.buf)
+	sw.err = sw.to.send(sw.buf, sw.timeout)
 	// An idle stream keeps no buffer.
 	sw.buf = nil
 	return sw.err
 }
+
+// streamTransport is where a stream's bytes go, and how it learns that its client
+// left: a hijacked HTTP/1.1 connection (hijackedStream) or the handler's own
+// response, over HTTP/2 or HTTP/1.1 (handlerStream). serve, replay, catch-up, reset,
+// session_ended and the slow-client cut are written once, above it.
+type streamTransport interface {
+	// send writes b to the client within timeout.
+	send(b []byte, timeout time.Duration) error
+	// gone is closed when the client is known to have left; nil when that is only
+	// noticed by polling left or by a failed send.
+	gone() <-chan struct{}
+	// left reports whether the client has left; serve asks at each keep-alive.
+	left() bool
+	// close releases the transport once the stream has ended.
+	close()
+}
+
+// hijackedStream is an HTTP/1.1 connection taken over from net/http.
+type hijackedStream struct{ conn net.Conn }
+
+// hijackStream takes w's connection over. It returns the stream's first bytes, the
+// response's status line and headers (close-delimited: Connection: close, no
+// chunking) and then hello, to be sent with the first flush; or the error of
+// Hijack, before anything is written.
+func hijackStream(w http.ResponseWriter, hello []byte) (*hijackedStream, []byte, error) {
+	h := w.Header()
+	h.Set("Connection", "close")
+	var b bytes.Buffer
+	b.WriteString("HTTP/1.1 200 OK\r\n")
+	h.Write(&b)
+	b.WriteString("\r\n")
+	b.Write(hello)
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return nil, nil, fmt.Errorf("hijack: %w", err)
+	}
+	return &hijackedStream{conn: conn}, b.Bytes(), nil
+}
+
+func (hs *hijackedStream) send(b []byte, timeout time.Duration) error {
+	hs.conn.SetWriteDeadline(time.Now().Add(timeout))
+	_, err := hs.conn.Write(b)
+	return err
+}
+
+// gone is nil: nothing reads the connection (see left).
+func (hs *hijackedStream) gone() <-chan struct{} { return nil }
+
+// left reports whether the client has closed its side of the connection. The
+// client sends nothing after its request, so a read that does not have to wait
+// either finds the end of the stream or nothing. Checking on each keep-alive,
+// instead of parking a goroutine in Read for the stream's whole life, saves 2 KB
+// of stack per idle stream; a departed client is noticed within SSE_KEEPALIVE
+// (or at once, by the next event's failed write).
+func (hs *hijackedStream) left() bool {
+	// A deadline already past would fail the read before it looks at the socket.
+	hs.conn.SetReadDeadline(time.Now().Add(time.Millisecond))
+	var b [64]byte
+	for {
+		_, err := hs.conn.Read(b[:])
+		if err == nil {
+			continue // stray bytes: ignore them
+		}
+		var ne net.Error
+		return !(errors.As(err, &ne) && ne.Timeout())
+	}
+}
+
+func (hs *hijackedStream) close() { hs.conn.Close() }
+
+// handlerStream is a response served inside its handler: over HTTP/2, one stream of
+// the connection (no connection to take over, and none needed: the connection's
+// buffers are shared by all its streams); over HTTP/1.1 with SSE_HIJACK=false, a
+// chunked response. net/http notices a departed client itself and cancels the
+// request's context.
+type handlerStream struct {
+	w    http.ResponseWriter
+	rc   *http.ResponseController
+	done <-chan struct{}
+	ctx  context.Context
+}
+
+func newHandlerStream(w http.ResponseWriter, r *http.Request) *handlerStream {
+	rc := http.NewResponseController(w)
+	// The request has no body; over HTTP/1.1 the server's ReadTimeout would
+	// otherwise end the connection's background read, and the stream with it.
+	rc.SetReadDeadline(time.Time{})
+	return &handlerStream{w: w, rc: rc, done: r.Context().Done(), ctx: r.Context()}
+}
+
+func (hs *handlerStream) send(b []byte, timeout time.Duration) error {
+	if err := hs.rc.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
+		return fmt.Errorf("set write deadline: %w", err)
+	}
+	if _, err := hs.w.Write(b); err != nil {
+		return err
+	}
+	return hs.rc.Flush()
+}
+
+func (hs *handlerStream) gone() <-chan struct{} { return hs.done }
+
+func (hs *handlerStream) left() bool { return hs.ctx.Err() != nil }
+
+// close does nothing: the response ends when the handler returns.
+func (hs *handlerStream) close() {}

@@ -325,7 +325,7 @@ func (c *client) streamWithQuery(t *testing.T, lastEventID string) *sseStream {
 // metricValue reads one unlabelled metric from /metrics.
 func metricValue(t testing.TB, ts *testServer, name string) float64 {
 	t.Helper()
-	resp, b := (&client{t: t, base: ts.URL}).do("GET", "/metrics", nil)
+	resp, b := (&client{t: t, base: ts.URL, hc: ts.hc}).do("GET", "/metrics", nil)
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("metrics: %d", resp.StatusCode)
 	}
@@ -375,11 +375,24 @@ func TestSlowStreamIsDropped(t *testing.T) {
 	}
 }
 
+// TestStreamsDoNotLeak: 1,000 streams opened and closed leave no goroutine
+// behind, over HTTP/1.1 (hijacked) and over h2c (served in the handler).
 func TestStreamsDoNotLeak(t *testing.T) {
-	// A thousand streams from one address: past CONN_MAX_PER_ADDR's default.
-	ts := newTestServer(t, "STREAMS_PER_USER=1000", "CONN_MAX_PER_ADDR=off")
+	for _, proto := range []string{"HTTP1.1-hijacked", "h2c"} {
+		t.Run(proto, func(t *testing.T) { testStreamsDoNotLeak(t, protocolNamed(proto)) })
+	}
+}
+
+func testStreamsDoNotLeak(t *testing.T, proto protocol) {
+	// A thousand streams from one address (over HTTP/1.1, a thousand connections):
+	// past CONN_MAX_PER_ADDR's default.
+	ts := newTestServerOver(t, proto, "STREAMS_PER_USER=1000", "CONN_MAX_PER_ADDR=off")
 	alice := ts.newUser(t, "alice")
 	tr := &http.Transport{MaxIdleConnsPerHost: -1}
+	if proto.protoMajor == 2 {
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetUnencryptedHTTP2(true)
+	}
 	defer tr.CloseIdleConnections()
 	hc := &http.Client{Transport: tr}
 	open := func() (*http.Response, context.CancelFunc) {
@@ -390,6 +403,9 @@ func TestStreamsDoNotLeak(t *testing.T) {
 		resp, err := hc.Do(req)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if resp.ProtoMajor != proto.protoMajor {
+			t.Fatalf("stream over HTTP/%d, want HTTP/%d", resp.ProtoMajor, proto.protoMajor)
 		}
 		br := bufio.NewReader(resp.Body)
 		if l, err := br.ReadString('\n'); err != nil || l != ": connected\n" {

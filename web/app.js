@@ -208,20 +208,30 @@ const signInErrors = {
 };
 const signInFailed = 'Sign-in with GitHub did not finish. Please try again.';
 
-// finishGitHubSignIn handles /callback#token=…&expires_at=…&nonce=… (or #error=…).
-// It signs in only when nonce is the one this tab stored when it left for GitHub,
-// so a link carrying somebody else's token cannot sign the browser into their
-// account.
+// finishGitHubSignIn handles /callback#code=…&nonce=… (or #error=…). It claims
+// the session only when nonce is the one this tab stored when it left for GitHub,
+// so a link carrying somebody else's code cannot sign the browser into their
+// account, and a sign-in forced on this browser by another site starts no session.
 function finishGitHubSignIn() {
   const params = new URLSearchParams(location.hash.slice(1));
   const nonce = takeGitHubNonce();
-  const token = params.get('token');
-  if (token && nonce && params.get('nonce') === nonce) {
-    saveAuth(token, params.get('expires_at'));
-    navigate('/', { replace: true });
+  const code = params.get('code');
+  history.replaceState(null, '', '/callback'); // the code leaves the address at once
+  if (code && nonce && params.get('nonce') === nonce) {
+    root.append(h('p', { class: 'card' }, 'Signing you in…'));
+    api('POST', '/api/oauth/github/claim', { body: { code, nonce }, auth: false }).then(
+      (res) => {
+        saveAuth(res.token, res.expiresAt);
+        navigate('/', { replace: true });
+      },
+      () => {
+        flash = signInFailed;
+        navigate('/login', { replace: true });
+      },
+    );
     return;
   }
-  if (token) flash = 'That sign-in was not started in this browser, so it was ignored. Sign in again if you meant to.';
+  if (code) flash = 'That sign-in was not started in this browser, so it was ignored. Sign in again if you meant to.';
   else flash = Object.hasOwn(signInErrors, params.get('error')) ? signInErrors[params.get('error')] : signInFailed;
   navigate('/login', { replace: true });
 }

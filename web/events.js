@@ -11,6 +11,8 @@
 
 import { api, getAuth } from './client.js';
 
+const RESYNC_GATHER = 50; // ms to gather the frames that each ask for a refetch
+
 // createStream returns {start, stop}. Handlers get the decoded event data;
 // onStatus gets 'open' or 'reconnecting'; onResync(reason) is called when events
 // may have been missed and the state must be fetched again: 'start' (a stream
@@ -54,13 +56,21 @@ export function createStream({ onMessage, onRead, onTyping, onStatus, onResync, 
       // The stream starts where it resumed from, or elsewhere if it did not.
       const resumed = position !== '' && e.lastEventId === position;
       position = e.lastEventId;
-      if (!resumed) onResync('start');
+      if (!resumed) resync('start');
     });
     es.addEventListener('reset', (e) => {
       if (e.target !== source) return;
       position = e.lastEventId;
-      onResync('reset');
+      resync('reset');
     });
+  }
+
+  // resync calls onResync once for the frames that arrive together: a stream that
+  // cannot resume sends ready and then reset, and one refetch is enough.
+  let resyncTimer = 0;
+  function resync(reason) {
+    clearTimeout(resyncTimer);
+    resyncTimer = setTimeout(() => onResync(reason), RESYNC_GATHER);
   }
 
   function deliver(e, handler) {
@@ -97,6 +107,7 @@ export function createStream({ onMessage, onRead, onTyping, onStatus, onResync, 
     stop() {
       running = false;
       clearTimeout(timer);
+      clearTimeout(resyncTimer);
       source?.close();
       source = null;
       position = '';

@@ -62,9 +62,12 @@ const NONCE_KEY = 'messenger.githubNonce';
 
 // startGitHubSignIn leaves for GitHub with a fresh nonce, kept in this tab's
 // sessionStorage; the server carries it through the OAuth state and hands it back
-// with the token. A callback without it was not started here (see takeGitHubNonce).
+// with the claim code, which is worth a session only together with it. A callback
+// without it was not started here (see takeGitHubNonce).
+// It signs in in this tab whatever the modifier keys: a sign-in opened in a new
+// tab would have no nonce, and the server refuses a start without one.
 function startGitHubSignIn(e) {
-  if (e.button !== 0 || e.metaKey || e.ctrlKey || e.shiftKey || e.altKey) return;
+  if (e.button !== 0) return;
   e.preventDefault();
   const nonce = Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('');
   sessionStorage.setItem(NONCE_KEY, nonce);

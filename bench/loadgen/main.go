@@ -12,6 +12,8 @@
 //	                rates (profiled), and saturation
 //	loadgen report  prints the results as one table and writes bench/out/results.md
 //	loadgen quiet   waits, a bounded time, for the machine to be idle
+//	loadgen idle    opens idle streams over HTTP/1.1 or h2c and reports the server's
+//	                memory per stream (bench/streammem.sh runs it)
 //	loadgen flood   sends requests with made-up methods and paths and reports the
 //	                server's memory and /metrics size (bench/flood.sh runs it)
 //
@@ -48,7 +50,7 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: loadgen setup|pgbench|load|hubs|report|quiet|flood [flags]")
+		return errors.New("usage: loadgen setup|pgbench|load|hubs|report|quiet|flood|idle [flags]")
 	}
 	switch args[0] {
 	case "setup":
@@ -65,8 +67,10 @@ func run(ctx context.Context, args []string) error {
 		return runQuiet(args[1:])
 	case "flood":
 		return runFlood(ctx, args[1:])
+	case "idle":
+		return runIdle(ctx, args[1:])
 	}
-	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, load, hubs, report, quiet or flood", args[0])
+	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, load, hubs, report, quiet, flood or idle", args[0])
 }
 
 // newFlags returns the flag set of a subcommand.

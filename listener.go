@@ -1,0 +1,80 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+// pgListener feeds the hub from PostgreSQL's LISTEN, on a connection of its own
+// (DATABASE_LISTEN_URL). It has one path for each thing that can happen:
+//   - a notification on notifyChannel: the hub dispatches its events;
+//   - one on sessionsChannel: sessions ended (see sessionWatcher);
+//   - a lost connection: lib/pq reconnects by itself and then sends a nil
+//     notification, as notifications may have been missed meanwhile: every stream
+//     is synced with the event log (Hub.resyncSoon).
+//
+// A ping every interval notices a connection that died quietly. Pinging runs on a
+// goroutine of its own: the loop that drains notifications must never stop, or
+// the connection (which a ping also needs) stalls.
+type pgListener struct {
+	l        *pq.Listener
+	hub      *Hub
+	sessions func(payload string) // takes sessionsChannel's payloads
+	metrics  *metrics
+	logger   *slog.Logger
+}
+
+// listen connects to url and listens on channels.
+func listen(url string, channels []string, hub *Hub, sessions func(string), m *metrics, logger *slog.Logger) (*pgListener, error) {
+	l := pq.NewListener(url, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
+		if err != nil {
+			logger.Warn("event listener", "state", ev.String(), "err", err)
+		}
+	})
+	for _, channel := range channels {
+		if err := l.Listen(channel); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("listen for events: %w", err)
+		}
+	}
+	return &pgListener{l: l, hub: hub, sessions: sessions, metrics: m, logger: logger}, nil
+}
+
+// run feeds notifications to the hub until ctx is done or the listener is closed.
+func (pl *pgListener) run(ctx context.Context, pingInterval time.Duration) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() {
+		every(ctx, pingInterval, nil, func() {
+			if err := pl.l.Ping(); err != nil && ctx.Err() == nil {
+				pl.logger.Warn("event listener ping", "err", err)
+			}
+		})
+	})
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case n, ok := <-pl.l.Notify:
+			switch {
+			case !ok:
+				return // closed
+			case n == nil: // reconnected: some may have been missed
+				pl.metrics.listenerReconnects.Inc()
+				pl.hub.resyncSoon()
+			case n.Channel == notifyChannel:
+				pl.hub.dispatch(n.Extra)
+			case n.Channel == sessionsChannel:
+				pl.sessions(n.Extra)
+			}
+		}
+	}
+}
+
+// close closes the connection.
+func (pl *pgListener) close() { pl.l.Close() }
