@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -96,6 +97,7 @@ type connLimiter struct {
 	open   int
 	byAddr map[netip.Addr]int // open connections by addrKey; no zero entries
 
+	tls      *tls.Config    // if set, refusals are answered over TLS (the server serves TLS)
 	refusing chan struct{}  // a token for each refusal being answered
 	refusals sync.WaitGroup // the goroutines answering them
 }
@@ -112,6 +114,13 @@ func newConnLimiter(ln net.Listener, perAddr, max int, exempt func(netip.Addr) b
 		byAddr:   map[netip.Addr]int{},
 		refusing: make(chan struct{}, maxRefusing),
 	}
+}
+
+// refuseOverTLS makes refusals answer over TLS with cert, as the server is served
+// over TLS around this listener (http.Server.ServeTLS): the refusal does the
+// handshake, offering only HTTP/1.1, whose answer it writes.
+func (l *connLimiter) refuseOverTLS(cert tls.Certificate) {
+	l.tls = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
 }
 
 // refusal is the whole HTTP/1.1 answer to a refused connection, its body the JSON
@@ -195,8 +204,8 @@ func (l *connLimiter) release(key netip.Addr, capped bool) {
 	l.metrics.connectionsOpen.Dec()
 }
 
-// refuse writes answer to c and closes it, in the background and within
-// refuseTimeout; with maxRefusing refusals already under way it just closes c.
+// refuse writes answer to c (over TLS if l.tls is set) and closes it, in the
+// background and within refuseTimeout; with maxRefusing refusals already under way it just closes c.
 func (l *connLimiter) refuse(c net.Conn, answer []byte) {
 	select {
 	case l.refusing <- struct{}{}:
@@ -206,8 +215,11 @@ func (l *connLimiter) refuse(c net.Conn, answer []byte) {
 	}
 	l.refusals.Go(func() {
 		defer func() { <-l.refusing }()
+		c.SetDeadline(time.Now().Add(refuseTimeout)) // the handshake's too
+		if l.tls != nil {
+			c = tls.Server(c, l.tls)
+		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(refuseTimeout))
 		if _, err := c.Write(answer); err != nil {
 			return
 		}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/json"
 	"io"
 	"net"
@@ -278,4 +279,27 @@ func TestConnectionsConfig(t *testing.T) {
 	if cfg.idleTimeout != 75*time.Second {
 		t.Errorf("default HTTP_IDLE_TIMEOUT %v, want 75s", cfg.idleTimeout)
 	}
+}
+
+// TestConnectionsRefusedOverTLS: when the server serves TLS, a refused connection
+// gets its answer over TLS, as a browser (offering h2 and HTTP/1.1) reads it.
+func TestConnectionsRefusedOverTLS(t *testing.T) {
+	t.Parallel()
+	ts := newTestServerOver(t, protocolNamed("HTTP2-TLS"), "CONN_MAX_PER_ADDR=1")
+	roots := ts.hc.Transport.(*contractTransport).next.(*http.Transport).TLSClientConfig.RootCAs
+	host := strings.TrimPrefix(ts.URL, "https://")
+	dial := func() *rawConn {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}, Timeout: 30 * time.Second}
+		c, err := tls.DialWithDialer(d, "tcp", host, &tls.Config{RootCAs: roots, ServerName: "127.0.0.1", NextProtos: []string{"http/1.1"}})
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return &rawConn{Conn: c, br: bufio.NewReader(c), host: host}
+	}
+	if status, _, body := dial().get(t, "/healthz"); status != http.StatusOK {
+		t.Fatalf("first connection: status %d, want 200 (body %q)", status, body)
+	}
+	status, header, body := dial().get(t, "/healthz")
+	checkRefusal(t, status, header, body, http.StatusTooManyRequests)
 }

@@ -271,9 +271,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	logger := newLogger(cfg.logFormat, stderr)
+	var cert tls.Certificate
 	if cfg.tlsCertFile != "" {
 		// Checked here, so that a bad pair stops the start instead of the serving.
-		if _, err := tls.LoadX509KeyPair(cfg.tlsCertFile, cfg.tlsKeyFile); err != nil {
+		if cert, err = tls.LoadX509KeyPair(cfg.tlsCertFile, cfg.tlsKeyFile); err != nil {
 			return fmt.Errorf("TLS_CERT_FILE, TLS_KEY_FILE: %w", err)
 		}
 	}
@@ -306,7 +307,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		defer stop()
 		fmt.Fprintf(stdout, "messenger serving /metrics on http://%s\n", cfg.metricsAddr)
 	}
-	ln = newConnLimiter(ln, cfg.connMaxPerAddr, cfg.connMax, srv.trusted, srv.metrics)
+	limiter := newConnLimiter(ln, cfg.connMaxPerAddr, cfg.connMax, srv.trusted, srv.metrics)
+	if cfg.tlsCertFile != "" {
+		limiter.refuseOverTLS(cert)
+	}
+	ln = limiter
 	fmt.Fprintf(stdout, "messenger listening on %s://%s\n", cfg.scheme(), ln.Addr())
 	return srv.serve(ctx, ln)
 }
