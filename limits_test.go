@@ -266,7 +266,9 @@ func TestE2ENormalizeCases(t *testing.T) {
 // is answered.
 func TestLimitsRateLimitFirst(t *testing.T) {
 	t.Parallel()
-	ts := newTestServer(t, "RATE_LIMIT_SENDS=1/h,3", "RATE_LIMIT_CONVERSATIONS=1/h,1")
+	// A database of its own: the test compares whole-table row counts, which
+	// tests running beside it would change in the shared one.
+	ts := newTestServer(t, "DATABASE_URL="+privateDatabase(t), "RATE_LIMIT_SENDS=1/h,3", "RATE_LIMIT_CONVERSATIONS=1/h,1")
 	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
 	conv := alice.startConversation(bob) // alice's one conversation token
 	endpoint := "/api/conversations/" + conv.ID + "/messages"
