@@ -337,7 +337,6 @@ func (s *server) handleGitHubStart() apiHandler {
 // no session: the client claims one with POST /api/oauth/github/claim once it has
 // checked the nonce. A bad or expired state goes to /callback#error=sign_in_failed.
 func (s *server) handleGitHubCallback() apiHandler {
-	githubFailed := upstreamFailed("GitHub sign-in failed; try again")
 	states := newOAuthStates(s.cfg.tokenKey)
 	claims := newOAuthClaims(s.cfg.tokenKey)
 	return func(w http.ResponseWriter, r *http.Request) error {
@@ -368,19 +367,26 @@ func (s *server) handleGitHubCallback() apiHandler {
 			http.Redirect(w, r, dest+"#error="+reason, http.StatusFound)
 			return nil
 		}
+		// From here on, too, a failure sends the browser to the web client's own
+		// error text rather than a JSON page (this is a top-level navigation, and a
+		// reload cannot help: GitHub takes each code once).
+		failed := func(why string, err error) error {
+			s.logger.Warn("github sign-in", "step", why, "err", err)
+			http.Redirect(w, r, dest+"#error=sign_in_failed", http.StatusFound)
+			return nil
+		}
 		if code == "" || len(code) > 512 {
-			return malformed("missing code")
+			return failed("code", errors.New("missing or overlong code"))
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), 15*time.Second)
 		defer cancel()
 		ghUser, err := s.fetchGitHubUser(ctx, conf, code)
 		if err != nil {
-			s.logger.Warn("github sign-in", "err", err)
-			return githubFailed
+			return failed("exchange", err)
 		}
 		user, err := upsertGitHubUser(ctx, s.db, ghUser)
 		if err != nil {
-			return err
+			return failed("user", err)
 		}
 		frag := url.Values{"code": {claims.issue(user.ID, nonce, time.Now().Add(oauthClaimTTL))}, "nonce": {nonce}}
 		http.Redirect(w, r, dest+"#"+frag.Encode(), http.StatusFound)

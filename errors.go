@@ -29,7 +29,6 @@ const (
 	kindUnsupportedMedia                      // 415
 	kindInvalid                               // a field's value is not allowed: 422
 	kindTooMany                               // a rate limit or a cap: 429
-	kindUpstream                              // a service we depend on failed: 502
 	kindUnavailable                           // try again shortly: 503
 )
 
@@ -45,7 +44,6 @@ var statusOf = map[errorKind]int{
 	kindUnsupportedMedia: http.StatusUnsupportedMediaType,
 	kindInvalid:          http.StatusUnprocessableEntity,
 	kindTooMany:          http.StatusTooManyRequests,
-	kindUpstream:         http.StatusBadGateway,
 	kindUnavailable:      http.StatusServiceUnavailable,
 }
 
@@ -64,7 +62,6 @@ func malformed(msg string) *apiError       { return &apiError{kind: kindMalforme
 func unauthenticated(msg string) *apiError { return &apiError{kind: kindUnauthenticated, msg: msg} }
 func forbidden(msg string) *apiError       { return &apiError{kind: kindForbidden, msg: msg} }
 func notFound(msg string) *apiError        { return &apiError{kind: kindNotFound, msg: msg} }
-func upstreamFailed(msg string) *apiError  { return &apiError{kind: kindUpstream, msg: msg} }
 
 // invalid reports that field holds a value that is not allowed.
 func invalid(field, msg string) *apiError {

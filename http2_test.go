@@ -7,8 +7,10 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -16,6 +18,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -296,5 +299,86 @@ func TestTLSSettings(t *testing.T) {
 				t.Errorf("the server started: %s", stdout.String())
 			}
 		})
+	}
+}
+
+// TestStalledHTTP2ConnectionFreesStreams: a client that opens streams over h2c with
+// a huge flow-control window and then never reads its socket must lose them within
+// SSE_WRITE_TIMEOUT, so its user can open a stream again and shutdown is prompt.
+func TestStalledHTTP2ConnectionFreesStreams(t *testing.T) {
+	t.Parallel()
+	ts := newTestServerOver(t, protocolNamed("h2c"), "SSE_WRITE_TIMEOUT=1s", "SSE_BUFFER=8",
+		"STREAMS_PER_USER=16", "RATE_LIMIT_SENDS=1000/s,1000")
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := alice.startConversation(bob)
+
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	conn, err := d.Dial("tcp", strings.TrimPrefix(ts.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	frame := func(typ, flags byte, id uint32, p []byte) []byte {
+		h := []byte{byte(len(p) >> 16), byte(len(p) >> 8), byte(len(p)), typ, flags, 0, 0, 0, 0}
+		binary.BigEndian.PutUint32(h[5:], id)
+		return append(h, p...)
+	}
+	lit := func(b []byte, k, v string) []byte { // HPACK literal, new name, no Huffman; len(v) < 127
+		b = append(b, 0, byte(len(k)))
+		return append(append(append(b, k...), byte(len(v))), v...)
+	}
+	out := []byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+	out = append(out, frame(0x4, 0, 0, []byte{0, 4, 0x7f, 0xff, 0xff, 0xff})...) // INITIAL_WINDOW_SIZE 2^31-1
+	out = append(out, frame(0x8, 0, 0, binary.BigEndian.AppendUint32(nil, 1<<31-1-65535))...)
+	for i := range 16 {
+		var h []byte
+		h = lit(h, ":method", "GET")
+		h = lit(h, ":scheme", "http")
+		h = lit(h, ":path", "/api/messages")
+		h = lit(h, ":authority", "127.0.0.1")
+		h = lit(h, "accept", "text/event-stream")
+		h = lit(h, "authorization", "Bearer "+bob.Token)
+		out = append(out, frame(0x1, 0x4|0x1, uint32(2*i+1), h)...) // END_HEADERS|END_STREAM
+	}
+	out = append(out, frame(0x4, 0x1, 0, nil)...) // SETTINGS ACK
+	if _, err := conn.Write(out); err != nil {
+		t.Fatal(err)
+	}
+	waitOpenStreams(t, ts, 16)
+	// From now on the socket is never read: the server's writes to it block.
+	big := strings.Repeat("€", 480)
+	for range 300 {
+		alice.send(conv.ID, big)
+	}
+	waitFor(t, 15*time.Second, "bob's stalled streams let go", func() bool {
+		return metricValue(t, ts, "messenger_streams_open") == 0
+	})
+	bob.stream("").close() // bob is not locked out by STREAMS_PER_USER
+	_ = http.StatusOK
+}
+
+// TestStreamRequestWithBodyRefused: GET /api/messages carries no body. Over HTTP/2
+// the server buffers up to 1 MiB of an unread request body per connection for as
+// long as the handler runs, and a stream's handler runs for hours with no read
+// deadline: a stream request that comes with a body must be refused.
+func TestStreamRequestWithBodyRefused(t *testing.T) {
+	t.Parallel()
+	ts := newTestServerOver(t, protocolNamed("h2c"))
+	alice := ts.newUser(t, "alice")
+	pr, pw := io.Pipe()
+	t.Cleanup(func() { pw.Close() })
+	go pw.Write(make([]byte, 256<<10)) // the client sends it as DATA frames the handler never reads
+	req, _ := http.NewRequest("GET", ts.URL+"/api/messages", pr)
+	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+alice.Token)
+	resp, err := ts.hc.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("stream request with a body: status %d, want 400", resp.StatusCode)
 	}
 }

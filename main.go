@@ -60,8 +60,9 @@ type config struct {
 	githubWebURL       string // where users authorize (https://github.com)
 	githubAPIURL       string // the REST API (https://api.github.com)
 
-	keepAlive    time.Duration // longest silence on a stream
-	writeTimeout time.Duration // deadline of one write to a stream
+	keepAlive       time.Duration // longest silence on a stream
+	writeTimeout    time.Duration // deadline of one write to a stream
+	http2MaxStreams int           // requests one HTTP/2 connection may have open at once
 	// hijackStreams: HTTP/1.1 streams take their connection over (SSE_HIJACK);
 	// HTTP/2 streams are always served inside their handler.
 	hijackStreams bool
@@ -166,6 +167,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.dbMaxConns, err = parseInt(getenv, "DB_MAX_CONNS", 20); err != nil {
+		return cfg, err
+	}
+	if cfg.http2MaxStreams, err = parseInt(getenv, "HTTP2_MAX_STREAMS", 100); err != nil {
 		return cfg, err
 	}
 	if cfg.streamsPerUser, err = parseInt(getenv, "STREAMS_PER_USER", defaultStreamsPerUser); err != nil {
@@ -409,6 +413,12 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		// per write, and other handlers answer from the database, whose calls are
 		// bounded by requestTimeout.
 		Protocols: serverProtocols(),
+		// Over HTTP/2 a stuck connection must not hold its streams: a write that
+		// moves no byte for SSE_WRITE_TIMEOUT fails the whole connection (a stream's
+		// own write deadline only queues a reset behind the stuck writer). And one
+		// connection carries at most HTTP2_MAX_STREAMS requests at once, so that
+		// CONN_MAX_PER_ADDR still bounds what one address holds.
+		HTTP2: &http.HTTP2Config{WriteByteTimeout: cfg.writeTimeout, MaxConcurrentStreams: cfg.http2MaxStreams},
 	}
 	s.http.RegisterOnShutdown(s.hub.closeAll)
 	return s, nil

@@ -554,6 +554,11 @@ func (s *server) handleStream() apiHandler {
 		if !acceptsEventStream(r) {
 			return errNotEventStream
 		}
+		// A body would be buffered (over HTTP/2, up to the connection's window) for
+		// the stream's whole life, and nothing reads it.
+		if r.ContentLength != 0 {
+			return malformed("a stream request carries no body")
+		}
 		sess := sessionFrom(r.Context())
 		resumeFrom, resuming, err := lastEventID(r)
 		if err != nil {
@@ -923,9 +928,12 @@ type handlerStream struct {
 
 func newHandlerStream(w http.ResponseWriter, r *http.Request) *handlerStream {
 	rc := http.NewResponseController(w)
-	// The request has no body; over HTTP/1.1 the server's ReadTimeout would
-	// otherwise end the connection's background read, and the stream with it.
-	rc.SetReadDeadline(time.Time{})
+	// The request has no body (handleStream refuses one); over HTTP/1.1 the
+	// server's ReadTimeout would otherwise end the connection's background read,
+	// and the stream with it. Over HTTP/2 the deadline stays.
+	if r.ProtoMajor == 1 {
+		rc.SetReadDeadline(time.Time{})
+	}
 	return &handlerStream{w: w, rc: rc, done: r.Context().Done(), ctx: r.Context()}
 }
 
