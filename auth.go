@@ -218,13 +218,19 @@ func (s *server) handleLogin() apiHandler {
 		if err != nil {
 			return err
 		}
-		token, exp, err := s.startSession(r.Context(), user.ID)
-		if err != nil {
-			return err
-		}
-		respond(w, http.StatusOK, authResponse{AuthUser: user, Token: token, ExpiresAt: exp.UTC()})
-		return nil
+		return s.respondSignedIn(w, r, user)
 	}
+}
+
+// respondSignedIn starts a session for user and answers a sign-in with its first
+// token.
+func (s *server) respondSignedIn(w http.ResponseWriter, r *http.Request, user User) error {
+	token, exp, err := s.startSession(r.Context(), user.ID)
+	if err != nil {
+		return err
+	}
+	respond(w, http.StatusOK, authResponse{AuthUser: user, Token: token, ExpiresAt: exp.UTC()})
+	return nil
 }
 
 // handleAuthUser serves GET /api/auth_user: the signed-in user.
@@ -425,12 +431,7 @@ func (s *server) handleGitHubClaim() apiHandler {
 		if err != nil {
 			return err
 		}
-		token, exp, err := s.startSession(r.Context(), user.ID)
-		if err != nil {
-			return err
-		}
-		respond(w, http.StatusOK, authResponse{AuthUser: user, Token: token, ExpiresAt: exp.UTC()})
-		return nil
+		return s.respondSignedIn(w, r, user)
 	}
 }
 
