@@ -920,10 +920,9 @@ func (hs *hijackedStream) close() { hs.conn.Close() }
 // chunked response. net/http notices a departed client itself and cancels the
 // request's context.
 type handlerStream struct {
-	w    http.ResponseWriter
-	rc   *http.ResponseController
-	done <-chan struct{}
-	ctx  context.Context
+	w   http.ResponseWriter
+	rc  *http.ResponseController
+	ctx context.Context // the request's: done when the client has left
 }
 
 func newHandlerStream(w http.ResponseWriter, r *http.Request) *handlerStream {
@@ -934,7 +933,7 @@ func newHandlerStream(w http.ResponseWriter, r *http.Request) *handlerStream {
 	if r.ProtoMajor == 1 {
 		rc.SetReadDeadline(time.Time{})
 	}
-	return &handlerStream{w: w, rc: rc, done: r.Context().Done(), ctx: r.Context()}
+	return &handlerStream{w: w, rc: rc, ctx: r.Context()}
 }
 
 func (hs *handlerStream) send(b []byte, timeout time.Duration) error {
@@ -947,7 +946,7 @@ func (hs *handlerStream) send(b []byte, timeout time.Duration) error {
 	return hs.rc.Flush()
 }
 
-func (hs *handlerStream) gone() <-chan struct{} { return hs.done }
+func (hs *handlerStream) gone() <-chan struct{} { return hs.ctx.Done() }
 
 func (hs *handlerStream) left() bool { return hs.ctx.Err() != nil }
 
