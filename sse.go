@@ -519,16 +519,23 @@ func lastEventID(r *http.Request) (id int64, ok bool, err error) {
 // it has none) and the oldest event the log still holds, head+1 when it holds none
 // (see pruneEvents): a lookup in the primary key (user_id, seq), read here rather
 // than kept up to date by the pruner in a column of users, whose rows every send
-// locks. It returns errTokenInvalid when the user no longer exists.
-func logBounds(ctx context.Context, db *sql.DB, user int64) (head, oldest int64, err error) {
+// locks. In the same round trip it checks that user's session is still open, past
+// the session cache. It returns errTokenInvalid when the user no longer exists and
+// errSessionEnded when the session has ended.
+func logBounds(ctx context.Context, db *sql.DB, user, session int64) (head, oldest int64, err error) {
+	var open bool
 	err = db.QueryRowContext(ctx, `
-		SELECT u.event_seq, coalesce((SELECT min(e.seq) FROM events e WHERE e.user_id = u.id), u.event_seq + 1)
-		FROM users u WHERE u.id = $1`, user).Scan(&head, &oldest)
-	if errors.Is(err, sql.ErrNoRows) {
+		SELECT u.event_seq, coalesce((SELECT min(e.seq) FROM events e WHERE e.user_id = u.id), u.event_seq + 1),
+		       EXISTS (SELECT 1 FROM sessions s
+		               WHERE s.id = $2 AND s.user_id = u.id AND s.ended_at IS NULL AND s.expires_at > now())
+		FROM users u WHERE u.id = $1`, user, session).Scan(&head, &oldest, &open)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
 		return 0, 0, errTokenInvalid
-	}
-	if err != nil {
+	case err != nil:
 		return 0, 0, fmt.Errorf("read event log bounds: %w", err)
+	case !open:
+		return 0, 0, errSessionEnded
 	}
 	return head, oldest, nil
 }
@@ -575,16 +582,13 @@ func (s *server) handleStream() apiHandler {
 			}
 		}()
 		s.hub.bus.settle() // before the log's end is read (below)
-		// The session is looked up once more, past the cache, now that the stream
-		// is registered: a sign-out announced between the token check and the
-		// registration found no stream of this user here to end.
-		if _, err := openSessionEnd(r.Context(), s.db, sess.sessionID, sess.userID); err != nil {
-			return err
-		}
 		// The stream is registered before the log's end is read, so every event
 		// after that point is either in the log or in st.events (or, while the
-		// stream replays, below st.heldTo).
-		head, oldest, err := logBounds(r.Context(), s.db, sess.userID)
+		// stream replays, below st.heldTo). The session is looked up once more in
+		// the same query, past the cache, now that the stream is registered: a
+		// sign-out announced between the token check and the registration found no
+		// stream of this user here to end.
+		head, oldest, err := logBounds(r.Context(), s.db, sess.userID, sess.sessionID)
 		if err != nil {
 			return err
 		}
