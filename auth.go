@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/hmac"
-	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -100,11 +99,7 @@ func (ts *tokenSigner) parse(token string, now time.Time) (tokenClaims, error) {
 	return c, nil
 }
 
-func (ts *tokenSigner) sign(msg string) []byte {
-	mac := hmac.New(sha256.New, ts.key)
-	mac.Write([]byte(msg))
-	return mac.Sum(nil)
-}
+func (ts *tokenSigner) sign(msg string) []byte { return hmacSHA256(ts.key, msg) }
 
 // session is who made a request, as its token and the sessions table say.
 type session struct {

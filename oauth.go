@@ -30,22 +30,26 @@ func newOAuthStates(tokenKey []byte) *oauthStates {
 	return &oauthStates{key: deriveKey(tokenKey, "messenger oauth state v1")}
 }
 
-// deriveKey returns the key for purpose derived from tokenKey, so that a MAC made
-// for one use is worth nothing in another.
-func deriveKey(tokenKey []byte, purpose string) []byte {
-	mac := hmac.New(sha256.New, tokenKey)
-	mac.Write([]byte(purpose))
+// hmacSHA256 is the HMAC-SHA256 of the parts under key, each part after the first
+// preceded by a zero byte (which no part contains). Tokens, OAuth states and
+// claims, and the keys derived for them, are all made with it.
+func hmacSHA256(key []byte, parts ...string) []byte {
+	mac := hmac.New(sha256.New, key)
+	for i, p := range parts {
+		if i > 0 {
+			mac.Write([]byte{0})
+		}
+		mac.Write([]byte(p))
+	}
 	return mac.Sum(nil)
 }
 
+// deriveKey returns the key for purpose derived from tokenKey, so that a MAC made
+// for one use is worth nothing in another.
+func deriveKey(tokenKey []byte, purpose string) []byte { return hmacSHA256(tokenKey, purpose) }
+
 // macOf is the MAC under key of head and the value it is bound to.
-func macOf(key []byte, head, bound string) []byte {
-	mac := hmac.New(sha256.New, key)
-	mac.Write([]byte(head))
-	mac.Write([]byte{0})
-	mac.Write([]byte(bound))
-	return mac.Sum(nil)
-}
+func macOf(key []byte, head, bound string) []byte { return hmacSHA256(key, head, bound) }
 
 // browserCookieLen is the length of the state cookie's value: 16 random bytes,
 // base64url.
