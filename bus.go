@@ -106,15 +106,25 @@ func openBus(ctx context.Context, cfg config, db *sql.DB, m *metrics, logger *sl
 }
 
 // storedSetting returns the value of the setting name, storing value first if it
-// has none, so that every instance reads the same value.
+// has none, so that every instance reads the same value. When another instance
+// stores it at the same moment, the INSERT waits for that one's commit and then
+// stores nothing, while the SELECT, in the same statement's snapshot, cannot see
+// the row yet: the statement finds no row, and a second one, with a fresh
+// snapshot, reads it.
 func storedSetting(ctx context.Context, db *sql.DB, name, value string) (string, error) {
 	var v string
-	err := db.QueryRowContext(ctx, `
-		WITH ins AS (
-			INSERT INTO settings (name, value) VALUES ($1, $2)
-			ON CONFLICT (name) DO NOTHING RETURNING value)
-		SELECT value FROM ins UNION ALL SELECT value FROM settings WHERE name = $1
-		LIMIT 1`, name, value).Scan(&v)
+	var err error
+	for range 2 {
+		err = db.QueryRowContext(ctx, `
+			WITH ins AS (
+				INSERT INTO settings (name, value) VALUES ($1, $2)
+				ON CONFLICT (name) DO NOTHING RETURNING value)
+			SELECT value FROM ins UNION ALL SELECT value FROM settings WHERE name = $1
+			LIMIT 1`, name, value).Scan(&v)
+		if !errors.Is(err, sql.ErrNoRows) {
+			break
+		}
+	}
 	if err != nil {
 		return "", fmt.Errorf("setting %s: %w", name, err)
 	}

@@ -272,3 +272,35 @@ func TestMigrationRebuildsInvalidIndex(t *testing.T) {
 		t.Errorf("events_created after migrating: valid %v, unique %v; want a valid, plain index", valid, unique)
 	}
 }
+
+// TestStoredSettingConcurrently: instances starting together on a new database all
+// read the one value of a setting that one of them stored. (An INSERT ... ON
+// CONFLICT DO NOTHING that waited for a concurrent insert sees neither its own row
+// nor, in the same statement's snapshot, the other's.)
+func TestStoredSettingConcurrently(t *testing.T) {
+	t.Parallel()
+	_, db := openPrivateDatabase(t)
+	mustMigrate(t, db)
+	for round := range 20 {
+		name := fmt.Sprintf("race_%d", round)
+		values := make(chan string, 8)
+		var wg sync.WaitGroup
+		for i := range 8 {
+			wg.Go(func() {
+				v, err := storedSetting(context.Background(), db, name, fmt.Sprint(i))
+				if err != nil {
+					t.Errorf("storedSetting: %v", err)
+				}
+				values <- v
+			})
+		}
+		wg.Wait()
+		close(values)
+		first := <-values
+		for v := range values {
+			if v != first {
+				t.Fatalf("round %d: instances read %q and %q", round, first, v)
+			}
+		}
+	}
+}
