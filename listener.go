@@ -16,7 +16,8 @@ import (
 //   - one on sessionsChannel: sessions ended (see sessionWatcher);
 //   - a lost connection: lib/pq reconnects by itself and then sends a nil
 //     notification, as notifications may have been missed meanwhile: every stream
-//     is synced with the event log (Hub.resyncSoon).
+//     is synced with the event log (Hub.resyncSoon), and the session cache is
+//     emptied and every stream's session checked (sessionWatcher.missed).
 //
 // A ping every interval notices a connection that died quietly. Pinging runs on a
 // goroutine of its own: the loop that drains notifications must never stop, or
@@ -24,13 +25,13 @@ import (
 type pgListener struct {
 	l        *pq.Listener
 	hub      *Hub
-	sessions func(payload string) // takes sessionsChannel's payloads
+	sessions *sessionWatcher // takes sessionsChannel's payloads
 	metrics  *metrics
 	logger   *slog.Logger
 }
 
 // listen connects to url and listens on channels.
-func listen(url string, channels []string, hub *Hub, sessions func(string), m *metrics, logger *slog.Logger) (*pgListener, error) {
+func listen(url string, channels []string, hub *Hub, sessions *sessionWatcher, m *metrics, logger *slog.Logger) (*pgListener, error) {
 	l := pq.NewListener(url, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
 		if err != nil {
 			logger.Warn("event listener", "state", ev.String(), "err", err)
@@ -67,10 +68,11 @@ func (pl *pgListener) run(ctx context.Context, pingInterval time.Duration) {
 			case n == nil: // reconnected: some may have been missed
 				pl.metrics.listenerReconnects.Inc()
 				pl.hub.resyncSoon()
+				pl.sessions.missed()
 			case n.Channel == notifyChannel:
 				pl.hub.dispatch(n.Extra)
 			case n.Channel == sessionsChannel:
-				pl.sessions(n.Extra)
+				pl.sessions.noted(n.Extra)
 			}
 		}
 	}

@@ -53,6 +53,7 @@ type config struct {
 
 	sessionMaxAge        time.Duration // hard end of a session, whatever refreshes
 	sessionCheckInterval time.Duration // how often streams' sessions are checked
+	sessionCacheTTL      time.Duration // how long an open session is trusted without a lookup
 	maxSessionsPerUser   int           // open sessions a user keeps; a sign-in ends the oldest
 
 	githubClientID     string
@@ -146,6 +147,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.sessionCheckInterval, err = parseDuration(getenv, "SESSION_CHECK_INTERVAL", 5*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.sessionCacheTTL, err = parseDuration(getenv, "SESSION_CACHE_TTL", 30*time.Second); err != nil {
 		return cfg, err
 	}
 	if cfg.maxSessionsPerUser, err = parseInt(getenv, "MAX_SESSIONS_PER_USER", 50); err != nil {
@@ -366,7 +370,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		metrics: m,
 		logger:  logger,
 
-		sessionCache: newSessionCache(),
+		sessionCache: newSessionCache(cfg.sessionCacheTTL),
 	}
 	channels := []string{notifyChannel, sessionsChannel}
 	if cfg.natsURL != "" {
@@ -381,7 +385,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	s.notifier = newNotifier(db, s.hub, s.bus, m, logger)
 	s.sends = newSendBatcher(db, s.notifier)
 	sessions := newSessionWatcher(s.hub, s.sessionCache, db, cfg.sessionCheckInterval, logger)
-	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions.noted, m, logger); err != nil {
+	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions, m, logger); err != nil {
 		s.bus.close()
 		db.Close()
 		return nil, err

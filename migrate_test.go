@@ -49,7 +49,7 @@ func migrationVersions(t *testing.T, db *sql.DB) (count int, latest int64) {
 }
 
 // catalog describes a database's schema, outside goose's own tables, as sorted lines:
-// columns, constraints, indexes and functions.
+// columns, constraints, indexes, functions and triggers.
 func catalog(t *testing.T, db *sql.DB) string {
 	t.Helper()
 	queries := []string{
@@ -60,6 +60,8 @@ func catalog(t *testing.T, db *sql.DB) string {
 		`SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename NOT LIKE 'goose%'`,
 		`SELECT format('function %s(%s) %s', proname, pg_get_function_identity_arguments(oid), md5(pg_get_functiondef(oid)))
 		   FROM pg_proc WHERE pronamespace = 'public'::regnamespace`,
+		`SELECT 'trigger ' || pg_get_triggerdef(oid) FROM pg_trigger
+		  WHERE NOT tgisinternal AND tgrelid::regclass::text NOT LIKE 'goose%'`,
 	}
 	var lines []string
 	for _, q := range queries {

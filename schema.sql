@@ -104,6 +104,30 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id);
 
+-- Every end of a session is announced on the channel messenger_sessions (see
+-- sessions.go), whoever ends it: a sign-out, an operator's UPDATE or DELETE, a
+-- deleted user (the cascade deletes the sessions row by row), a TRUNCATE (user 0:
+-- everybody's). Each instance then forgets that user's cached sessions at once.
+CREATE OR REPLACE FUNCTION announce_session_end() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM pg_notify('messenger_sessions', '{"user":0}');
+    ELSE
+        PERFORM pg_notify('messenger_sessions', json_build_object('user', OLD.user_id)::text);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE OR REPLACE TRIGGER sessions_ended AFTER UPDATE ON sessions FOR EACH ROW
+    WHEN (OLD.ended_at IS DISTINCT FROM NEW.ended_at OR OLD.expires_at IS DISTINCT FROM NEW.expires_at
+          OR OLD.user_id IS DISTINCT FROM NEW.user_id)
+    EXECUTE FUNCTION announce_session_end();
+CREATE OR REPLACE TRIGGER sessions_deleted AFTER DELETE ON sessions FOR EACH ROW
+    EXECUTE FUNCTION announce_session_end();
+CREATE OR REPLACE TRIGGER sessions_truncated AFTER TRUNCATE ON sessions FOR EACH STATEMENT
+    EXECUTE FUNCTION announce_session_end();
+
 -- settings holds server-wide values, such as the development token key.
 CREATE TABLE IF NOT EXISTS settings (
     name   TEXT PRIMARY KEY,

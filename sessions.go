@@ -15,12 +15,16 @@ import (
 
 // Sessions. Every sign-in starts a session, a row of the sessions table with a hard
 // end (SESSION_MAX_AGE after it started), and every token names its session.
-// authenticate looks the session up (one primary-key lookup), remembering an open
-// session for at most sessionCacheTTL, so a session that ends (signed out, its
-// user deleted, past its end, ended by an operator) stops every token of it within
-// that time on every instance: at once on the instance that ended it and, through
-// the notification below, within milliseconds on the others. Refreshing issues a
-// new token for the same session, never past its end.
+// authenticate looks the session up (one primary-key lookup) and remembers an open
+// session for SESSION_CACHE_TTL. The database announces every end of a session on
+// sessionsChannel, whoever ended it (a trigger on the sessions table: a sign-out,
+// an operator's UPDATE or DELETE, a deleted user, a TRUNCATE), and every instance
+// then forgets that user's sessions: so a session that ends stops every token of it
+// at once on the instance that ended it and within milliseconds on the others. A
+// session past its hard end is refused from the cache itself. The TTL only bounds
+// what a notification lost with the LISTEN connection could leave behind, and a
+// reconnected listener empties the cache too. Refreshing issues a new token for
+// the same session, never past its end.
 //
 // Streams are not checked per event, to keep sessions off the delivery path.
 // Ending sessions announces the user on sessionsChannel; each instance's
@@ -30,8 +34,9 @@ import (
 // one query per thousand streams, which catches a lost notification, a deleted
 // user and a session an operator ended in SQL.
 
-// sessionsChannel is the PostgreSQL channel on which ended sessions are announced:
-// the payload is {"user": <id>}, meaning "some sessions of this user ended".
+// sessionsChannel is the PostgreSQL channel on which ended sessions are announced,
+// by the trigger of migration 00005: the payload is {"user": <id>}, meaning "some
+// sessions of this user ended", and user 0 means everybody's.
 const sessionsChannel = "messenger_sessions"
 
 // Why a session ended: the values of sessions.end_reason and of the session_ended
@@ -68,10 +73,10 @@ func (s *server) startSession(ctx context.Context, user int64) (string, time.Tim
 }
 
 // endSessions ends user's open sessions, with reason: only session if it is not 0,
-// else all but the newest keep (0: all of them). It announces the user on
-// sessionsChannel, in the same statement, when it ended any. Both the UPDATE and
-// its subquery name the user, so that a database split by user (docs/scaling.md)
-// runs the statement on one shard.
+// else all but the newest keep (0: all of them). The sessions table's trigger
+// announces the user on sessionsChannel when it ended any. Both the UPDATE and its
+// subquery name the user, so that a database split by user (docs/scaling.md) runs
+// the statement on one shard.
 func (s *server) endSessions(ctx context.Context, user, session int64, keep int, reason string) error {
 	var n int
 	err := s.db.QueryRowContext(ctx, `
@@ -82,8 +87,7 @@ func (s *server) endSessions(ctx context.Context, user, session int64, keep int,
 				WHERE user_id = $1 AND ($2 = 0 OR id = $2) AND ended_at IS NULL
 				ORDER BY id DESC OFFSET $3)
 			RETURNING id)
-		SELECT count(*), CASE WHEN count(*) > 0 THEN pg_notify($5, json_build_object('user', $1::bigint)::text) END
-		FROM ended`, user, session, keep, reason, sessionsChannel).Scan(&n, new(sql.NullString))
+		SELECT count(*) FROM ended`, user, session, keep, reason).Scan(&n)
 	if err != nil {
 		return fmt.Errorf("end sessions: %w", err)
 	}
@@ -131,19 +135,18 @@ func refreshSession(ctx context.Context, db *sql.DB, session, user int64) (time.
 	return ends, nil
 }
 
-// sessionCacheTTL is how long authenticate trusts a session it found open without
-// looking again; it bounds how long a session ended without a notification (a
-// deleted user, an operator's UPDATE, a lost NOTIFY) is still accepted here.
-const sessionCacheTTL = 500 * time.Millisecond
-
 // maxCachedSessions bounds the cache; when it is full, stale entries are dropped,
 // and if that frees nothing, all of them.
 const maxCachedSessions = 100_000
 
-// sessionCache remembers the sessions authenticate found open. It is emptied
-// whenever a session ends here and on every notification on sessionsChannel.
+// sessionCache remembers the sessions authenticate found open, each for ttl
+// (SESSION_CACHE_TTL): how long a session whose end was never announced here (the
+// notification lost with the LISTEN connection) could still be accepted. A user's
+// entries are forgotten whenever a session of theirs ends, here or on another
+// instance (sessionsChannel), and all of them when the listener reconnects.
 type sessionCache struct {
-	mu      sync.Mutex // guards entries and gen
+	ttl     time.Duration // 0: remember nothing
+	mu      sync.Mutex    // guards entries and gen
 	entries map[int64]cachedSession
 	gen     uint64 // bumped by clear: a lookup that began before may not store its answer
 }
@@ -154,17 +157,17 @@ type cachedSession struct {
 	checked time.Time
 }
 
-func newSessionCache() *sessionCache {
-	return &sessionCache{entries: make(map[int64]cachedSession)}
+func newSessionCache(ttl time.Duration) *sessionCache {
+	return &sessionCache{ttl: ttl, entries: make(map[int64]cachedSession)}
 }
 
 // get returns the hard end of session of user if it was found open less than
-// sessionCacheTTL ago; otherwise ok is false and gen is what put needs.
+// c.ttl ago; otherwise ok is false and gen is what put needs.
 func (c *sessionCache) get(session, user int64, now time.Time) (ends time.Time, gen uint64, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, found := c.entries[session]
-	if found && e.userID == user && now.Sub(e.checked) < sessionCacheTTL && now.Before(e.ends) {
+	if found && e.userID == user && now.Sub(e.checked) < c.ttl && now.Before(e.ends) {
 		return e.ends, c.gen, true
 	}
 	return time.Time{}, c.gen, false
@@ -175,12 +178,12 @@ func (c *sessionCache) get(session, user int64, now time.Time) (ends time.Time, 
 func (c *sessionCache) put(session, user int64, ends, checked time.Time, gen uint64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if gen != c.gen {
+	if gen != c.gen || c.ttl <= 0 {
 		return
 	}
 	if len(c.entries) >= maxCachedSessions {
 		for id, e := range c.entries {
-			if checked.Sub(e.checked) >= sessionCacheTTL {
+			if checked.Sub(e.checked) >= c.ttl {
 				delete(c.entries, id)
 			}
 		}
@@ -221,8 +224,9 @@ type sessionWatcher struct {
 	logger   *slog.Logger
 	interval time.Duration
 
-	mu    sync.Mutex     // guards users
+	mu    sync.Mutex     // guards users and all
 	users map[int64]bool // users announced on sessionsChannel, to check at once
+	all   bool           // check every stream at once (see missed)
 	wake  chan struct{}
 }
 
@@ -240,7 +244,11 @@ func (sw *sessionWatcher) noted(payload string) {
 	}
 	if err := json.Unmarshal([]byte(payload), &n); err != nil {
 		sw.logger.Error("decode session notification", "err", err)
-		sw.cache.clear() // whose sessions ended is unknown: forget them all
+		sw.missed() // whose sessions ended is unknown
+		return
+	}
+	if n.User == 0 {
+		sw.missed() // everybody's
 		return
 	}
 	sw.cache.forgetUser(n.User)
@@ -249,6 +257,20 @@ func (sw *sessionWatcher) noted(payload string) {
 	}
 	sw.mu.Lock()
 	sw.users[n.User] = true
+	sw.mu.Unlock()
+	select {
+	case sw.wake <- struct{}{}:
+	default:
+	}
+}
+
+// missed is for announcements that may have been lost, or that name nobody in
+// particular: the cache forgets every session, and every local stream is checked
+// at once.
+func (sw *sessionWatcher) missed() {
+	sw.cache.clear()
+	sw.mu.Lock()
+	sw.all = true
 	sw.mu.Unlock()
 	select {
 	case sw.wake <- struct{}{}:
@@ -269,11 +291,18 @@ func (sw *sessionWatcher) run(ctx context.Context) {
 		case <-t.C:
 		case <-sw.wake:
 			sw.mu.Lock()
+			all := sw.all
 			for u := range sw.users {
 				users = append(users, u)
 			}
 			clear(sw.users)
+			sw.all = false
 			sw.mu.Unlock()
+			if all {
+				users = nil
+			} else if len(users) == 0 {
+				continue
+			}
 		}
 		if err := sw.check(ctx, sw.hub.streamSessions(users)); err != nil && ctx.Err() == nil {
 			sw.logger.Warn("check stream sessions", "err", err)

@@ -177,7 +177,7 @@ func TestLogoutAllEndsEverySession(t *testing.T) {
 // would), their token gets 401 and their open stream closes.
 func TestDeletedUserTokensRefused(t *testing.T) {
 	t.Parallel()
-	ts := newTestServer(t)
+	ts := newTestServer(t, "SESSION_CHECK_INTERVAL=1h", "SESSION_CACHE_TTL=1h")
 	doomed := ts.newUser(t, "doomed")
 	doomed.mustDo("GET", "/api/usernames?search=d", nil, http.StatusOK, nil)
 	s := doomed.stream("")
@@ -185,15 +185,16 @@ func TestDeletedUserTokensRefused(t *testing.T) {
 		t.Fatalf("delete user: %v", err)
 	}
 	deleted := time.Now()
-	// Nothing announces a deletion: a session is trusted without a lookup for
-	// sessionCacheTTL at the most.
+	// The cascade's DELETE of the sessions rows announces the user: every
+	// instance forgets the sessions at once, however long it caches them.
 	waitFor(t, time.Second, "the deleted user's token to be refused", func() bool {
 		resp, _ := doomed.do("GET", "/api/usernames?search=d", nil)
 		return resp.StatusCode == http.StatusUnauthorized
 	})
 	doomed.mustDo("GET", "/api/conversations", nil, http.StatusUnauthorized, nil)
-	// The stream learns at the periodic check (SESSION_CHECK_INTERVAL, 5 s).
-	expectSessionEnded(t, "doomed", s, "ended", deleted.Add(15*time.Second))
+	// The stream ends at the check the announcement starts, not at the periodic
+	// one (SESSION_CHECK_INTERVAL is an hour here).
+	expectSessionEnded(t, "doomed", s, "ended", deleted.Add(5*time.Second))
 }
 
 // TestRefreshStopsAtSessionMaxAge: refreshing over and over cannot carry a
@@ -373,31 +374,55 @@ func BenchmarkSessionCheck(b *testing.B) {
 	})
 }
 
-// TestOperatorEndsSessions: sessions an operator ends in SQL, which nothing
-// announces, are refused within a second and their streams end at the next check.
+// TestOperatorEndsSessions: sessions an operator ends in SQL (UPDATE, DELETE,
+// TRUNCATE) are announced by the table's trigger: with a session cache and a
+// periodic stream check far longer than the test, their tokens are refused within
+// a second and their streams end at once.
 func TestOperatorEndsSessions(t *testing.T) {
 	t.Parallel()
-	ts := newTestServer(t, "SESSION_CHECK_INTERVAL=1s")
-	c := ts.newUser(t, "suspect")
-	c.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil)
-	s := c.stream("")
-	if _, err := ts.DB.Exec(`UPDATE sessions SET ended_at = now(), end_reason = 'revoked' WHERE user_id = $1`, c.User.ID); err != nil {
-		t.Fatalf("end sessions: %v", err)
+	for _, tc := range []struct {
+		name, sql, reason string
+		private           bool // TRUNCATE ends every session of the database
+	}{
+		{"update", `UPDATE sessions SET ended_at = now(), end_reason = 'revoked' WHERE user_id = $1`, "revoked", false},
+		{"shorten", `UPDATE sessions SET expires_at = now() WHERE user_id = $1`, "expired", false},
+		{"delete", `DELETE FROM sessions WHERE user_id = $1`, "ended", false},
+		{"truncate", `TRUNCATE sessions`, "ended", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			env := []string{"SESSION_CHECK_INTERVAL=1h", "SESSION_CACHE_TTL=1h"}
+			if tc.private {
+				env = append(env, "DATABASE_URL="+privateDatabase(t))
+			}
+			ts := newTestServer(t, env...)
+			c := ts.newUser(t, "suspect")
+			c.mustDo("GET", "/api/conversations", nil, http.StatusOK, nil) // cached now
+			s := c.stream("")
+			args := []any{c.User.ID}
+			if tc.private {
+				args = nil
+			}
+			if _, err := ts.DB.Exec(tc.sql, args...); err != nil {
+				t.Fatalf("end sessions: %v", err)
+			}
+			ended := time.Now()
+			waitFor(t, time.Second, "the ended session's token to be refused", func() bool {
+				resp, _ := c.do("GET", "/api/conversations", nil)
+				return resp.StatusCode == http.StatusUnauthorized
+			})
+			expectSessionEnded(t, "suspect", s, tc.reason, ended.Add(5*time.Second))
+		})
 	}
-	revoked := time.Now()
-	waitFor(t, time.Second, "the revoked token to be refused", func() bool {
-		resp, _ := c.do("GET", "/api/conversations", nil)
-		return resp.StatusCode == http.StatusUnauthorized
-	})
-	expectSessionEnded(t, "suspect", s, "revoked", revoked.Add(5*time.Second))
 }
 
-// TestSessionCache: an entry is trusted for sessionCacheTTL and before the
+// TestSessionCache: an entry is trusted for the cache's TTL and before the
 // session's end only, for its own user only; a lookup that began before a clear
 // stores nothing; and the cache never holds more than maxCachedSessions.
 func TestSessionCache(t *testing.T) {
 	t.Parallel()
-	c := newSessionCache()
+	const ttl = 30 * time.Second
+	c := newSessionCache(ttl)
 	now := time.Now()
 	ends := now.Add(time.Hour)
 	_, gen, _ := c.get(1, 10, now)
@@ -409,8 +434,8 @@ func TestSessionCache(t *testing.T) {
 		at      time.Time
 		want    bool
 	}{
-		{"fresh", 1, 10, now.Add(sessionCacheTTL / 2), true},
-		{"stale", 1, 10, now.Add(sessionCacheTTL), false},
+		{"fresh", 1, 10, now.Add(ttl / 2), true},
+		{"stale", 1, 10, now.Add(ttl), false},
 		{"other user", 1, 11, now, false},
 		{"other session", 2, 10, now, false},
 	} {
