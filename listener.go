@@ -30,9 +30,18 @@ type pgListener struct {
 	logger   *slog.Logger
 }
 
-// listen connects to url and listens on channels.
+// listen connects to url and listens on channels. It returns once the connection
+// is LISTENing, so that no event committed after the server starts serving can
+// go unannounced to it: lib/pq's Listen only queues the channel when the
+// connection is not up yet, and announces the first connection (after its
+// LISTENs) with ListenerEventConnected.
 func listen(url string, channels []string, hub *Hub, sessions *sessionWatcher, m *metrics, logger *slog.Logger) (*pgListener, error) {
+	connected := make(chan struct{})
+	var once sync.Once
 	l := pq.NewListener(url, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
+		if ev == pq.ListenerEventConnected {
+			once.Do(func() { close(connected) })
+		}
 		if err != nil {
 			logger.Warn("event listener", "state", ev.String(), "err", err)
 		}
@@ -43,8 +52,18 @@ func listen(url string, channels []string, hub *Hub, sessions *sessionWatcher, m
 			return nil, fmt.Errorf("listen for events: %w", err)
 		}
 	}
+	select {
+	case <-connected:
+	case <-time.After(listenConnectTimeout):
+		l.Close()
+		return nil, fmt.Errorf("listen for events: not connected after %v", listenConnectTimeout)
+	}
 	return &pgListener{l: l, hub: hub, sessions: sessions, metrics: m, logger: logger}, nil
 }
+
+// listenConnectTimeout is how long the server waits at start for its LISTEN
+// connection.
+const listenConnectTimeout = 15 * time.Second
 
 // run feeds notifications to the hub until ctx is done or the listener is closed.
 func (pl *pgListener) run(ctx context.Context, pingInterval time.Duration) {
