@@ -14,6 +14,7 @@ import (
 // (DATABASE_LISTEN_URL). It has one path for each thing that can happen:
 //   - a notification on notifyChannel: the hub dispatches its events;
 //   - one on sessionsChannel: sessions ended (see sessionWatcher);
+//   - one on instancesChannel: an instance starting, or answering (see presence);
 //   - a lost connection: lib/pq reconnects by itself and then sends a nil
 //     notification, as notifications may have been missed meanwhile: every stream
 //     is synced with the event log (Hub.resyncSoon), and the session cache is
@@ -26,6 +27,7 @@ type pgListener struct {
 	l        *pq.Listener
 	hub      *Hub
 	sessions *sessionWatcher // takes sessionsChannel's payloads
+	peers    *presence       // takes instancesChannel's payloads
 	metrics  *metrics
 	logger   *slog.Logger
 }
@@ -35,7 +37,7 @@ type pgListener struct {
 // go unannounced to it: lib/pq's Listen only queues the channel when the
 // connection is not up yet, and announces the first connection (after its
 // LISTENs) with ListenerEventConnected.
-func listen(url string, channels []string, hub *Hub, sessions *sessionWatcher, m *metrics, logger *slog.Logger) (*pgListener, error) {
+func listen(url string, channels []string, hub *Hub, sessions *sessionWatcher, peers *presence, m *metrics, logger *slog.Logger) (*pgListener, error) {
 	connected := make(chan struct{})
 	var once sync.Once
 	l := pq.NewListener(url, 100*time.Millisecond, 5*time.Second, func(ev pq.ListenerEventType, err error) {
@@ -58,7 +60,7 @@ func listen(url string, channels []string, hub *Hub, sessions *sessionWatcher, m
 		l.Close()
 		return nil, fmt.Errorf("listen for events: not connected after %v", listenConnectTimeout)
 	}
-	return &pgListener{l: l, hub: hub, sessions: sessions, metrics: m, logger: logger}, nil
+	return &pgListener{l: l, hub: hub, sessions: sessions, peers: peers, metrics: m, logger: logger}, nil
 }
 
 // listenConnectTimeout is how long the server waits at start for its LISTEN
@@ -92,6 +94,8 @@ func (pl *pgListener) run(ctx context.Context, pingInterval time.Duration) {
 				pl.hub.dispatch(n.Extra)
 			case n.Channel == sessionsChannel:
 				pl.sessions.noted(n.Extra)
+			case n.Channel == instancesChannel:
+				pl.peers.noted(n.Extra)
 			}
 		}
 	}

@@ -54,6 +54,7 @@ type config struct {
 	sessionMaxAge        time.Duration // hard end of a session, whatever refreshes
 	sessionCheckInterval time.Duration // how often streams' sessions are checked
 	sessionCacheTTL      time.Duration // how long an open session is trusted without a lookup
+	presenceInterval     time.Duration // how often an instance reads which others are there
 	maxSessionsPerUser   int           // open sessions a user keeps; a sign-in ends the oldest
 
 	githubClientID     string
@@ -150,6 +151,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.sessionCacheTTL, err = parseDuration(getenv, "SESSION_CACHE_TTL", 30*time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.presenceInterval, err = parseDuration(getenv, "PRESENCE_INTERVAL", time.Second); err != nil {
 		return cfg, err
 	}
 	if cfg.maxSessionsPerUser, err = parseInt(getenv, "MAX_SESSIONS_PER_USER", 50); err != nil {
@@ -338,12 +342,14 @@ type server struct {
 	bus      *natsBus // nil unless NATS_URL is set
 	notifier *notifier
 	sends    *sendBatcher
+	presence *presence // nil with the bus (NATS_URL)
 
 	// The background work, in the order close stops it.
-	listening *group // the listener and the bus: notifications in
-	sending   *group // the send workers
-	notifying *group // the notifier: notifications out
-	upkeep    *group // stream syncs, session checks, clean-up, retention
+	listening   *group // the listener and the bus: notifications in
+	sending     *group // the send workers
+	notifying   *group // the notifier: notifications out
+	upkeep      *group // stream syncs, session checks, clean-up, retention
+	presenceRun *group // answering new instances, reading who is there (nil: none)
 
 	sessionCache *sessionCache // open sessions, remembered briefly (see sessions.go)
 }
@@ -372,7 +378,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 
 		sessionCache: newSessionCache(cfg.sessionCacheTTL),
 	}
-	channels := []string{notifyChannel, sessionsChannel}
+	channels := []string{notifyChannel, sessionsChannel, instancesChannel}
 	if cfg.natsURL != "" {
 		if s.bus, err = openBus(ctx, cfg, db, m, logger); err != nil {
 			db.Close()
@@ -383,9 +389,20 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	s.hub = newHub(db, cfg, m, logger)
 	s.hub.bus = s.bus
 	s.notifier = newNotifier(db, s.hub, s.bus, m, logger)
+	if s.bus == nil {
+		direct, err := sql.Open("postgres", cfg.listenURL)
+		if err != nil {
+			db.Close()
+			return nil, fmt.Errorf("DATABASE_LISTEN_URL: %w", err)
+		}
+		direct.SetMaxOpenConns(2)
+		s.presence = newPresence(direct, db, s.hub, cfg.presenceInterval, m, logger)
+		s.notifier.peers = s.presence
+	}
 	s.sends = newSendBatcher(db, s.notifier)
 	sessions := newSessionWatcher(s.hub, s.sessionCache, db, cfg.sessionCheckInterval, logger)
-	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions, m, logger); err != nil {
+	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions, s.presence, m, logger); err != nil {
+		s.presence.close()
 		s.bus.close()
 		db.Close()
 		return nil, err
@@ -405,6 +422,14 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		s.cleanUp,
 		func(ctx context.Context) { every(ctx, cfg.pruneInterval, nil, func() { s.pruneEvents(ctx) }) },
 	)
+	if s.presence != nil {
+		// Before serving: every running instance notifies this one from now on.
+		if err := s.presence.register(ctx); err != nil {
+			s.close()
+			return nil, err
+		}
+		s.presenceRun = startGroup(s.presence.run)
+	}
 
 	s.http = &http.Server{
 		Handler:           s.routes(),
@@ -513,8 +538,16 @@ func (s *server) serveMetrics(addr string) (stop func(), err error) {
 //     if there is one; then close the bus's connection and the listener's;
 //  5. stop the upkeep loops (stream syncs, session checks, clean-up, retention);
 //  6. close the database.
+//
+// Between 2 and 3 it also stops answering new instances and releases its presence
+// lock: its streams have ended, so the others need not notify it any more, and an
+// instance starting meanwhile does not wait for its answer.
 func (s *server) close() {
 	s.listening.stop()
+	if s.presenceRun != nil {
+		s.presenceRun.stop()
+	}
+	s.presence.close()
 	s.sending.stop()
 	s.notifying.stop()
 	s.bus.close()

@@ -31,6 +31,7 @@ type metrics struct {
 	sessionsEnded      *prometheus.CounterVec
 	connectionsOpen    prometheus.Gauge
 	connectionsRefused *prometheus.CounterVec // by reason: addr_limit, server_full
+	peerInstances      prometheus.Gauge
 }
 
 func newMetrics(db *sql.DB) *metrics {
@@ -85,8 +86,11 @@ func newMetrics(db *sql.DB) *metrics {
 		connectionsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "messenger_connections_refused_total", Help: "Connections refused at a cap: addr_limit (CONN_MAX_PER_ADDR) or server_full (CONN_MAX).",
 		}, []string{"reason"}),
+		peerInstances: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "messenger_peer_instances", Help: "Other instances sharing the database, as last read (LISTEN/NOTIFY only: with none, no NOTIFY is sent).",
+		}),
 	}
-	m.registry.MustRegister(m.connectionsOpen, m.connectionsRefused, m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
+	m.registry.MustRegister(m.peerInstances, m.connectionsOpen, m.connectionsRefused, m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
 		m.streamsDroppedSlow, m.streamsRefused, m.streamResets, m.eventsPruned, m.listenerReconnects,
 		m.busMessages, m.busReconnects, m.busSlow,
 		collectors.NewDBStatsCollector(db, "messenger"),

@@ -28,8 +28,9 @@ const maxNotifyPayload = 7900
 // SSE_SYNC_INTERVAL and whenever a later event shows a gap.
 type notifier struct {
 	db      *sql.DB
-	hub     *Hub     // this instance's: its streams get each event at once
-	bus     *natsBus // if set, notifications go through it instead of NOTIFY
+	hub     *Hub      // this instance's: its streams get each event at once
+	bus     *natsBus  // if set, notifications go through it instead of NOTIFY
+	peers   *presence // without the bus: whether any other instance listens
 	logger  *slog.Logger
 	metrics *metrics
 
@@ -56,8 +57,14 @@ func newNotifier(db *sql.DB, hub *Hub, bus *natsBus, m *metrics, logger *slog.Lo
 // PostgreSQL (or NATS) and back; n carries this instance as its origin, so that
 // the hub skips it when it comes back. Per-user order needs nothing more: a stream
 // writes events by sequence number and reads any gap from the log.
+//
+// An instance alone (see presence) sends nothing: nobody else would read it. The
+// flag is read after the commit, which is what presence.register relies on.
 func (nf *notifier) enqueue(n notification) {
 	nf.hub.dispatchOne(n)
+	if nf.bus == nil && nf.peers.alone() {
+		return
+	}
 	n.Origin = nf.hub.origin
 	var notes []pendingNote
 	if nf.bus == nil {
