@@ -222,7 +222,9 @@ BEGIN
                (SELECT e.seq FROM ev e WHERE e.u = c.other AND e.id = c.id) AS oseq
           FROM created c
         UNION ALL
-        SELECT q.i, CASE WHEN q.other IS NULL THEN 'not_found' ELSE 'duplicate' END,
+        -- Not created: no such conversation or participant; a key used before;
+        -- or (without a key) the users rows were deleted meanwhile.
+        SELECT q.i, CASE WHEN q.other IS NULL OR q.k = '' THEN 'not_found' ELSE 'duplicate' END,
                NULL, NULL, NULL, NULL, NULL, NULL
           FROM req q
          WHERE q.other IS NULL OR NOT EXISTS (SELECT 1 FROM created c WHERE c.i = q.i)
@@ -231,7 +233,9 @@ BEGIN
             -- The key was claimed before (its row is visible now, to this new statement).
             SELECT * INTO v_prev FROM idempotency_keys k
              WHERE k.user_id = p_senders[r.i] AND k.key = p_keys[r.i];
-            IF v_prev.message_id IS NULL OR v_prev.conversation_id <> p_conversations[r.i]
+            IF NOT FOUND THEN
+                r.outcome := 'not_found'; -- the users rows were deleted meanwhile
+            ELSIF v_prev.message_id IS NULL OR v_prev.conversation_id <> p_conversations[r.i]
                OR v_prev.content <> p_contents[r.i] THEN
                 r.outcome := 'key_conflict';
             ELSE
