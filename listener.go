@@ -90,6 +90,7 @@ func (pl *pgListener) run(ctx context.Context, pingInterval time.Duration) {
 				pl.metrics.listenerReconnects.Inc()
 				pl.hub.resyncSoon()
 				pl.sessions.missed()
+				pl.peers.notifyAnyway() // a hello may have been missed
 			case n.Channel == notifyChannel:
 				pl.hub.dispatch(n.Extra)
 			case n.Channel == sessionsChannel:

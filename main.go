@@ -55,6 +55,7 @@ type config struct {
 	sessionCheckInterval time.Duration // how often streams' sessions are checked
 	sessionCacheTTL      time.Duration // how long an open session is trusted without a lookup
 	presenceInterval     time.Duration // how often an instance reads which others are there
+	notifyAlways         bool          // NOTIFY even when alone (older instances hold no presence lock)
 	maxSessionsPerUser   int           // open sessions a user keeps; a sign-in ends the oldest
 
 	githubClientID     string
@@ -154,6 +155,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.presenceInterval, err = parseDuration(getenv, "PRESENCE_INTERVAL", time.Second); err != nil {
+		return cfg, err
+	}
+	if cfg.notifyAlways, err = parseBool(getenv, "NOTIFY_ALWAYS", false); err != nil {
 		return cfg, err
 	}
 	if cfg.maxSessionsPerUser, err = parseInt(getenv, "MAX_SESSIONS_PER_USER", 50); err != nil {
@@ -397,6 +401,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		}
 		direct.SetMaxOpenConns(2)
 		s.presence = newPresence(direct, db, s.hub, cfg.presenceInterval, m, logger)
+		s.presence.always = cfg.notifyAlways
 		s.notifier.peers = s.presence
 	}
 	s.sends = newSendBatcher(db, s.notifier)
@@ -424,11 +429,15 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	)
 	if s.presence != nil {
 		// Before serving: every running instance notifies this one from now on.
+		// Hellos are answered from the start, so that instances starting together
+		// do not wait for each other.
+		s.presenceRun = startGroup(s.presence.answer)
 		if err := s.presence.register(ctx); err != nil {
 			s.close()
 			return nil, err
 		}
-		s.presenceRun = startGroup(s.presence.run)
+		s.presenceRun.stop()
+		s.presenceRun = startGroup(s.presence.answer, s.presence.watch)
 	}
 
 	s.http = &http.Server{

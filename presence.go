@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,8 +36,13 @@ import (
 // committed after is announced.
 //
 // If the lock's connection is lost (the others then stop notifying this
-// instance), run takes a new one, registers again, and has every stream read the
-// log for what it may have missed.
+// instance), watch takes a new one, registers again, and has every stream read
+// the log for what it may have missed. Whenever an instance may not know who is
+// there (not registered, its LISTEN connection reconnected, a read failed), it
+// notifies until its next read of pg_locks.
+//
+// Instances of versions before this hold no lock: while any runs (a rolling
+// upgrade), set NOTIFY_ALWAYS on the new ones.
 type presence struct {
 	direct  *sql.DB // PostgreSQL itself, for the lock's connection
 	db      *sql.DB // the pool: polls and announcements
@@ -54,8 +60,9 @@ type presence struct {
 	waiting  map[int64]bool // the instances whose answer register still awaits
 	answered chan struct{}  // signalled when waiting becomes empty
 
-	acks     chan int64    // hellos to answer, for run
-	interval time.Duration // how often run polls
+	acks     chan int64    // hellos to answer, for answer
+	interval time.Duration // how often watch polls
+	always   bool          // NOTIFY_ALWAYS: notify even when alone
 }
 
 const (
@@ -70,25 +77,25 @@ func newPresence(direct, db *sql.DB, hub *Hub, interval time.Duration, m *metric
 		answered: make(chan struct{}, 1), acks: make(chan int64, maxPendingAcks)}
 }
 
-// alone reports whether no other instance shares the database. A nil presence
-// (NATS: the bus routes by user) is never alone.
+// alone reports whether no other instance shares the database, so that nothing
+// need be notified. A nil presence (NATS: the bus routes by user) and one told to
+// notify always (NOTIFY_ALWAYS) are never alone.
 func (p *presence) alone() bool {
-	return p != nil && !p.others.Load()
+	return p != nil && !p.always && !p.others.Load()
 }
 
 // register takes this instance's lock and waits until the instances already
-// running have answered its hello (see presence). The listener must be running.
+// running have answered its hello (see presence). The listener and answer must be
+// running. On an error it holds no lock, and the caller tries again.
 func (p *presence) register(ctx context.Context) error {
-	if p.conn != nil {
-		p.conn.Close()
-		p.conn = nil
-	}
+	p.release()
+	p.notifyAnyway() // until registered
 	conn, err := p.direct.Conn(ctx)
 	if err != nil {
 		return fmt.Errorf("presence connection: %w", err)
 	}
 	for p.conn == nil {
-		key := rand.Int64N(1 << 31)
+		key := 1 + rand.Int64N(1<<31-1) // 0 means none in the announcements
 		var ok bool
 		if err := conn.QueryRowContext(ctx, `SELECT pg_try_advisory_lock($1::int, $2::int)`, presenceLockClass, key).Scan(&ok); err != nil {
 			conn.Close()
@@ -99,17 +106,31 @@ func (p *presence) register(ctx context.Context) error {
 			p.key.Store(key)
 		}
 	}
+	if err := p.greet(ctx); err != nil {
+		p.release()
+		return err
+	}
+	return nil
+}
+
+// greet reads the other instances, says hello, and waits for their answers: at
+// most presenceAckTimeout, and no longer for an instance whose lock is gone.
+func (p *presence) greet(ctx context.Context) error {
+	p.mu.Lock()
+	gen := p.gen
+	p.mu.Unlock()
 	others, err := p.holders(ctx)
 	if err != nil {
 		return err
 	}
 	p.mu.Lock()
-	p.gen++
 	p.waiting = make(map[int64]bool, len(others))
 	for _, k := range others {
 		p.waiting[k] = true
 	}
-	p.others.Store(len(others) > 0)
+	if len(others) > 0 || p.gen == gen { // else a hello came meanwhile: keep notifying
+		p.others.Store(len(others) > 0)
+	}
 	p.mu.Unlock()
 	p.metrics.peerInstances.Set(float64(len(others)))
 	if len(others) == 0 {
@@ -120,6 +141,8 @@ func (p *presence) register(ctx context.Context) error {
 	}
 	timeout := time.NewTimer(presenceAckTimeout)
 	defer timeout.Stop()
+	recheck := time.NewTicker(presenceAckTimeout / 20)
+	defer recheck.Stop()
 	for {
 		p.mu.Lock()
 		left := len(p.waiting)
@@ -129,6 +152,20 @@ func (p *presence) register(ctx context.Context) error {
 		}
 		select {
 		case <-p.answered:
+		case <-recheck.C:
+			// An instance that has stopped, or is stopping (it releases its lock
+			// before it stops listening), will not answer.
+			now, err := p.holders(ctx)
+			if err != nil {
+				return err
+			}
+			p.mu.Lock()
+			for k := range p.waiting {
+				if !slices.Contains(now, k) {
+					delete(p.waiting, k)
+				}
+			}
+			p.mu.Unlock()
 		case <-timeout.C:
 			p.logger.Warn("instances did not answer; their events may reach this instance's streams only at the next sync",
 				"instances", left)
@@ -137,6 +174,27 @@ func (p *presence) register(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
+}
+
+// release gives up the lock, if held.
+func (p *presence) release() {
+	if p.conn != nil {
+		p.conn.Close()
+		p.conn = nil
+	}
+}
+
+// notifyAnyway makes the notifier notify until a later read of pg_locks says this
+// instance is alone: for whenever this instance may not know who is there (not
+// registered; a hello possibly lost with the LISTEN connection; a failed read).
+func (p *presence) notifyAnyway() {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	p.gen++
+	p.others.Store(true)
+	p.mu.Unlock()
 }
 
 // holders returns the keys of the other instances' locks.
@@ -175,22 +233,20 @@ func (p *presence) announce(ctx context.Context, v map[string]int64) error {
 }
 
 // noted takes a notification from instancesChannel; it never waits. A hello
-// makes this instance notify from now on, before run answers it; an answer to
-// this instance's hello is counted.
+// makes this instance notify from now on, before answer answers it; an answer
+// to this instance's hello is counted.
 func (p *presence) noted(payload string) {
 	var n struct {
 		Hello, Ack, From int64
 	}
 	if err := json.Unmarshal([]byte(payload), &n); err != nil {
 		p.logger.Error("decode instance notification", "err", err)
+		p.notifyAnyway()
 		return
 	}
 	switch {
 	case n.Hello != 0 && n.Hello != p.key.Load():
-		p.mu.Lock()
-		p.gen++
-		p.others.Store(true)
-		p.mu.Unlock()
+		p.notifyAnyway()
 		select {
 		case p.acks <- n.Hello:
 		default: // that instance waits presenceAckTimeout, then serves
@@ -210,11 +266,9 @@ func (p *presence) noted(payload string) {
 	}
 }
 
-// run answers hellos, and every interval reads which instances hold a lock and
-// checks this instance's own, until ctx is done.
-func (p *presence) run(ctx context.Context) {
-	t := time.NewTicker(p.interval)
-	defer t.Stop()
+// answer answers the hellos of starting instances until ctx is done. It runs
+// from before register, so that two instances starting at once answer each other.
+func (p *presence) answer(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -223,15 +277,22 @@ func (p *presence) run(ctx context.Context) {
 			if err := p.announce(ctx, map[string]int64{"ack": k, "from": p.key.Load()}); err != nil && ctx.Err() == nil {
 				p.logger.Warn("answer instance", "err", err)
 			}
-		case <-t.C:
-			if err := p.poll(ctx); err != nil && ctx.Err() == nil {
-				p.logger.Warn("instances", "err", err)
-			}
 		}
 	}
 }
 
-// poll takes a new lock if this instance lost its own, and reads the others.
+// watch reads which instances hold a lock every interval, and registers again
+// when this instance's own lock is lost, until ctx is done.
+func (p *presence) watch(ctx context.Context) {
+	every(ctx, p.interval, nil, func() {
+		if err := p.poll(ctx); err != nil && ctx.Err() == nil {
+			p.notifyAnyway()
+			p.logger.Warn("instances", "err", err)
+		}
+	})
+}
+
+// poll registers again if this instance lost its lock, and reads the others.
 func (p *presence) poll(ctx context.Context) error {
 	err := errNotRegistered
 	if p.conn != nil {
@@ -269,9 +330,7 @@ func (p *presence) close() {
 	if p == nil {
 		return
 	}
-	if p.conn != nil {
-		p.conn.Close()
-	}
+	p.release()
 	p.direct.Close()
 }
 

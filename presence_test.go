@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -79,6 +80,9 @@ func TestNotifyOnlyWithPeers(t *testing.T) {
 	}
 
 	b := newTestServer(t, "DATABASE_URL="+url, "SSE_SYNC_INTERVAL=1h")
+	if strings.Contains(b.logs.String(), "did not answer") {
+		t.Fatalf("A did not answer B's hello:\n%s", b.logs.String())
+	}
 	onB := bob.as(b).stream("")
 	sendAndExpect("two instances", onA, onB)
 	if n := notifications(l); n == 0 {
@@ -138,5 +142,24 @@ func TestPresenceLockLost(t *testing.T) {
 		if _, got := onB.nextMessage(eventWait); got.ID != m.ID {
 			t.Fatalf("round %d: got message %s, want %s", round, got.ID, m.ID)
 		}
+	}
+}
+
+// TestNotifyAlways: with NOTIFY_ALWAYS an instance alone notifies anyway, for
+// instances of older versions, which hold no presence lock.
+func TestNotifyAlways(t *testing.T) {
+	t.Parallel()
+	url := privateDatabase(t)
+	a := newTestServer(t, "DATABASE_URL="+url, "NOTIFY_ALWAYS=true")
+	l := testListener(t, url)
+	alice, bob := a.newUser(t, "alice"), a.newUser(t, "bob")
+	conv := alice.startConversation(bob)
+	s := bob.stream("")
+	m := alice.send(conv.ID, "to whoever listens")
+	if _, got := s.nextMessage(eventWait); got.ID != m.ID {
+		t.Fatalf("got message %s, want %s", got.ID, m.ID)
+	}
+	if n := notifications(l); n == 0 {
+		t.Fatal("no notification sent")
 	}
 }
