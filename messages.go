@@ -141,10 +141,18 @@ type batchResult struct {
 
 // sendBatcher gathers concurrent sends into one transaction each (the schema's
 // send_messages): group commit, so that many sends share one commit and one round
-// trip. A send that finds a worker idle goes alone, at once; under load, each worker
-// takes whatever queued while it was busy, up to maxSendBatch. Every 201 still means
-// the message is durably committed: results are handed out only after the
-// transaction's commit was acknowledged.
+// trip. A send that finds its worker idle goes alone, at once; under load, each
+// worker takes whatever queued while it was busy, up to maxSendBatch. Every 201
+// still means the message is durably committed: results are handed out only after
+// the transaction's commit was acknowledged.
+//
+// Each worker has a queue of its own, and a send goes to the queue of its
+// conversation (id modulo sendWorkers). send_messages locks the users rows of its
+// batch, so two concurrent batches that share a user run one after the other in
+// PostgreSQL, the second holding a connection while it waits (Lock/transactionid
+// was a quarter of the busy backends at saturation). A conversation's two users
+// are now always in one worker's batches; only a user in conversations of both
+// workers can still make them wait for each other.
 //
 // Each worker runs its batches on a connection of its own (a *sql.Conn). A
 // statement run through the pool is re-run on another connection when the driver
@@ -156,7 +164,7 @@ type batchResult struct {
 type sendBatcher struct {
 	db       *sql.DB
 	notifier *notifier
-	queue    chan *sendRequest
+	queues   [sendWorkers]chan *sendRequest
 }
 
 // sendQuery is the whole send transaction.
@@ -170,7 +178,11 @@ const (
 )
 
 func newSendBatcher(db *sql.DB, nf *notifier) *sendBatcher {
-	return &sendBatcher{db: db, notifier: nf, queue: make(chan *sendRequest, maxSendBatch*sendWorkers)}
+	b := &sendBatcher{db: db, notifier: nf}
+	for i := range b.queues {
+		b.queues[i] = make(chan *sendRequest, maxSendBatch)
+	}
+	return b
 }
 
 // sendConn is a send worker's own connection.
@@ -189,7 +201,7 @@ func (sc *sendConn) close() {
 // the HTTP server has shut down, so no handler is left waiting.
 func (b *sendBatcher) run(ctx context.Context) {
 	var wg sync.WaitGroup
-	for range sendWorkers {
+	for _, queue := range b.queues {
 		wg.Go(func() {
 			var sc sendConn
 			defer sc.close()
@@ -198,13 +210,13 @@ func (b *sendBatcher) run(ctx context.Context) {
 				select {
 				case <-ctx.Done():
 					return
-				case r := <-b.queue:
+				case r := <-queue:
 					batch = append(batch, r)
 				}
 			more:
 				for len(batch) < maxSendBatch {
 					select {
-					case r := <-b.queue:
+					case r := <-queue:
 						batch = append(batch, r)
 					default:
 						break more
@@ -224,7 +236,7 @@ func (b *sendBatcher) run(ctx context.Context) {
 func (b *sendBatcher) send(ctx context.Context, conversation, sender int64, content, key string) (Message, sendOutcome, error) {
 	r := &sendRequest{conversation: conversation, sender: sender, content: content, key: key, done: make(chan batchResult, 1)}
 	select {
-	case b.queue <- r:
+	case b.queues[uint64(conversation)%sendWorkers] <- r:
 	case <-ctx.Done():
 		return Message{}, "", fmt.Errorf("queue send: %w", ctx.Err())
 	}
