@@ -36,7 +36,7 @@ ulimit -n $(( $(ulimit -Hn) < 65536 ? $(ulimit -Hn) : 65536 ))
 
 measure() { # name, SSE_HIJACK, loadgen -proto
   env DATABASE_URL="$url" DEV_LOGIN=true PORT=$port HOST=127.0.0.1 SSE_HIJACK="$2" \
-    RATE_LIMIT_LOGINS=off RATE_LIMIT_SENDS=off RATE_LIMIT_CONVERSATIONS=off \
+    RATE_LIMIT_LOGINS=off RATE_LIMIT_SENDS=off RATE_LIMIT_CONVERSATIONS=off CONN_MAX_PER_ADDR=off \
     "$bin" >/dev/null 2>/tmp/streammem.$$.log &
   pid=$!
   echo "== $1"
