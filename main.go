@@ -157,6 +157,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if cfg.presenceInterval, err = parseDuration(getenv, "PRESENCE_INTERVAL", time.Second); err != nil {
 		return cfg, err
 	}
+	if cfg.presenceInterval >= presenceAckTimeout {
+		// A hello lost with an instance's LISTEN connection is made up for by its
+		// next read of pg_locks, which must come before the new instance serves.
+		return cfg, fmt.Errorf("PRESENCE_INTERVAL %v: must be under %v", cfg.presenceInterval, presenceAckTimeout)
+	}
 	if cfg.notifyAlways, err = parseBool(getenv, "NOTIFY_ALWAYS", false); err != nil {
 		return cfg, err
 	}
@@ -349,11 +354,12 @@ type server struct {
 	presence *presence // nil with the bus (NATS_URL)
 
 	// The background work, in the order close stops it.
-	listening   *group // the listener and the bus: notifications in
-	sending     *group // the send workers
-	notifying   *group // the notifier: notifications out
-	upkeep      *group // stream syncs, session checks, clean-up, retention
-	presenceRun *group // answering new instances, reading who is there (nil: none)
+	listening      *group // the listener and the bus: notifications in
+	sending        *group // the send workers
+	notifying      *group // the notifier: notifications out
+	upkeep         *group // stream syncs, session checks, clean-up, retention
+	presenceAnswer *group // answering new instances (nil: no presence)
+	presenceWatch  *group // reading who is there, keeping this instance's lock
 
 	sessionCache *sessionCache // open sessions, remembered briefly (see sessions.go)
 }
@@ -431,13 +437,12 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		// Before serving: every running instance notifies this one from now on.
 		// Hellos are answered from the start, so that instances starting together
 		// do not wait for each other.
-		s.presenceRun = startGroup(s.presence.answer)
+		s.presenceAnswer = startGroup(s.presence.answer)
 		if err := s.presence.register(ctx); err != nil {
 			s.close()
 			return nil, err
 		}
-		s.presenceRun.stop()
-		s.presenceRun = startGroup(s.presence.answer, s.presence.watch)
+		s.presenceWatch = startGroup(s.presence.watch)
 	}
 
 	s.http = &http.Server{
@@ -548,15 +553,17 @@ func (s *server) serveMetrics(addr string) (stop func(), err error) {
 //  5. stop the upkeep loops (stream syncs, session checks, clean-up, retention);
 //  6. close the database.
 //
-// Between 2 and 3 it also stops answering new instances and releases its presence
-// lock: its streams have ended, so the others need not notify it any more, and an
-// instance starting meanwhile does not wait for its answer.
+// Before 2 it also stops answering new instances and releases its presence lock:
+// its streams have ended, so the others need not notify it any more, and an
+// instance starting meanwhile stops waiting for its answer once the lock is gone.
 func (s *server) close() {
-	s.listening.stop()
-	if s.presenceRun != nil {
-		s.presenceRun.stop()
+	for _, g := range []*group{s.presenceWatch, s.presenceAnswer} {
+		if g != nil {
+			g.stop()
+		}
 	}
 	s.presence.close()
+	s.listening.stop()
 	s.sending.stop()
 	s.notifying.stop()
 	s.bus.close()

@@ -288,8 +288,15 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	defer func() {
-		if err != nil && !errors.As(err, new(*pq.Error)) {
+		var pqErr *pq.Error
+		switch {
+		case err == nil:
+		case !errors.As(err, &pqErr):
 			sc.close() // the connection's state is unknown: take a fresh one next time
+		case sc.stmt != nil && (pqErr.Code == "26000" || pqErr.Code == "0A000"):
+			// The prepared statement is gone, or its plan no longer fits (the
+			// function changed under it): prepare again on a fresh connection.
+			sc.close()
 		}
 	}()
 	if sc.conn == nil {

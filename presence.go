@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"encoding/json"
 	"fmt"
 	"log/slog"
@@ -176,9 +177,11 @@ func (p *presence) greet(ctx context.Context) error {
 	}
 }
 
-// release gives up the lock, if held.
+// release gives up the lock, if held, by discarding its connection: Close
+// alone would return the connection to the pool with the lock still held.
 func (p *presence) release() {
 	if p.conn != nil {
+		p.conn.Raw(func(any) error { return driver.ErrBadConn })
 		p.conn.Close()
 		p.conn = nil
 	}

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"context"
+	"database/sql"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -161,5 +164,62 @@ func TestNotifyAlways(t *testing.T) {
 	}
 	if n := notifications(l); n == 0 {
 		t.Fatal("no notification sent")
+	}
+}
+
+// TestPresenceReleaseDropsLock: giving up the lock discards its connection, so
+// the lock is gone at once; returned to the pool, the connection would keep it,
+// and every instance would count this one forever.
+func TestPresenceReleaseDropsLock(t *testing.T) {
+	t.Parallel()
+	url := privateDatabase(t)
+	direct, err := sql.Open("postgres", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open("postgres", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	p := newPresence(direct, db, nil, time.Second, newMetrics(db), slog.New(slog.DiscardHandler))
+	defer p.close()
+	locks := func() int {
+		var n int
+		if err := db.QueryRow(`
+			SELECT count(*) FROM pg_locks
+			WHERE locktype = 'advisory' AND classid::bigint = $1 AND objsubid = 2 AND granted
+			  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
+			presenceLockClass).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	for round := range 2 {
+		if err := p.register(context.Background()); err != nil {
+			t.Fatalf("round %d: register: %v", round, err)
+		}
+		if n := locks(); n != 1 {
+			t.Fatalf("round %d: %d presence locks held, want 1", round, n)
+		}
+		if !p.alone() {
+			t.Fatalf("round %d: alone, yet not alone", round)
+		}
+		p.release()
+		waitFor(t, 5*time.Second, "the lock to be gone", func() bool { return locks() == 0 })
+	}
+}
+
+// TestPresenceIntervalBounded: PRESENCE_INTERVAL must stay under the time a
+// starting instance waits for answers.
+func TestPresenceIntervalBounded(t *testing.T) {
+	t.Parallel()
+	for value, ok := range map[string]bool{"1s": true, "4s": true, "5s": false, "1m": false} {
+		_, err := loadConfig(func(k string) string {
+			return map[string]string{"DEV_LOGIN": "true", "PRESENCE_INTERVAL": value}[k]
+		})
+		if (err == nil) != ok {
+			t.Errorf("PRESENCE_INTERVAL=%s: got error %v, want ok=%v", value, err, ok)
+		}
 	}
 }
