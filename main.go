@@ -640,8 +640,9 @@ func openDB(ctx context.Context, cfg config, logger *slog.Logger) (*sql.DB, erro
 // single round trip on the unnamed statement, instead of a Parse and Sync first and
 // the Bind after: one round trip fewer for every query, and a PgBouncer in
 // transaction mode, which may hand each Sync to another server connection, never
-// sees a statement parsed on one connection and bound on another. The server
-// prepares no named statements, so nothing else depends on the session.
+// sees a statement parsed on one connection and bound on another. Behind a pooler
+// the server prepares no named statements (the send workers prepare theirs only
+// straight to PostgreSQL), so nothing else depends on the session.
 func poolerSafeDSN(dsn string) (string, error) {
 	if strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://") {
 		u, err := url.Parse(dsn)
