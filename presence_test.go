@@ -13,10 +13,10 @@ import (
 	"github.com/lib/pq"
 )
 
-// testListener listens on notifyChannel of the database at url, as another
-// instance would (but holding no presence lock, so nobody notifies it for
-// itself).
-func testListener(t *testing.T, url string) *pq.Listener {
+// testListener listens on channel (notifyChannel if none) of the database at url,
+// as another instance would (but holding no presence lock, so nobody notifies it
+// for itself).
+func testListener(t *testing.T, url string, channel ...string) *pq.Listener {
 	t.Helper()
 	connected := make(chan struct{}, 1)
 	l := pq.NewListener(url, 100*time.Millisecond, time.Second, func(ev pq.ListenerEventType, _ error) {
@@ -25,8 +25,13 @@ func testListener(t *testing.T, url string) *pq.Listener {
 		}
 	})
 	t.Cleanup(func() { l.Close() })
-	if err := l.Listen(notifyChannel); err != nil {
-		t.Fatal(err)
+	if len(channel) == 0 {
+		channel = []string{notifyChannel}
+	}
+	for _, c := range channel {
+		if err := l.Listen(c); err != nil {
+			t.Fatal(err)
+		}
 	}
 	select {
 	case <-connected:

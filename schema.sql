@@ -124,6 +124,7 @@ CREATE OR REPLACE TRIGGER sessions_ended AFTER UPDATE ON sessions FOR EACH ROW
           OR OLD.user_id IS DISTINCT FROM NEW.user_id)
     EXECUTE FUNCTION announce_session_end();
 CREATE OR REPLACE TRIGGER sessions_deleted AFTER DELETE ON sessions FOR EACH ROW
+    WHEN (OLD.ended_at IS NULL AND OLD.expires_at > now())
     EXECUTE FUNCTION announce_session_end();
 CREATE OR REPLACE TRIGGER sessions_truncated AFTER TRUNCATE ON sessions FOR EACH STATEMENT
     EXECUTE FUNCTION announce_session_end();

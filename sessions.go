@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -144,11 +145,15 @@ const maxCachedSessions = 100_000
 // notification lost with the LISTEN connection) could still be accepted. A user's
 // entries are forgotten whenever a session of theirs ends, here or on another
 // instance (sessionsChannel), and all of them when the listener reconnects.
+//
+// Entries are also listed by user, so that forgetting one user's sessions (on
+// every sign-out anywhere) costs that user's entries, not the whole cache.
 type sessionCache struct {
 	ttl     time.Duration // 0: remember nothing
-	mu      sync.Mutex    // guards entries and gen
+	mu      sync.Mutex    // guards entries, byUser and gen
 	entries map[int64]cachedSession
-	gen     uint64 // bumped by clear: a lookup that began before may not store its answer
+	byUser  map[int64][]int64 // the sessions in entries, by user
+	gen     uint64            // bumped by clear: a lookup that began before may not store its answer
 }
 
 type cachedSession struct {
@@ -158,7 +163,7 @@ type cachedSession struct {
 }
 
 func newSessionCache(ttl time.Duration) *sessionCache {
-	return &sessionCache{ttl: ttl, entries: make(map[int64]cachedSession)}
+	return &sessionCache{ttl: ttl, entries: make(map[int64]cachedSession), byUser: make(map[int64][]int64)}
 }
 
 // get returns the hard end of session of user if it was found open less than
@@ -190,6 +195,16 @@ func (c *sessionCache) put(session, user int64, ends, checked time.Time, gen uin
 		if len(c.entries) >= maxCachedSessions {
 			clear(c.entries)
 		}
+		clear(c.byUser)
+		for id, e := range c.entries {
+			c.byUser[e.userID] = append(c.byUser[e.userID], id)
+		}
+	}
+	if old, found := c.entries[session]; !found || old.userID != user {
+		if found {
+			c.byUser[old.userID] = slices.DeleteFunc(c.byUser[old.userID], func(id int64) bool { return id == session })
+		}
+		c.byUser[user] = append(c.byUser[user], session)
 	}
 	c.entries[session] = cachedSession{userID: user, ends: ends, checked: checked}
 }
@@ -199,6 +214,7 @@ func (c *sessionCache) clear() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	clear(c.entries)
+	clear(c.byUser)
 	c.gen++
 }
 
@@ -208,11 +224,10 @@ func (c *sessionCache) clear() {
 func (c *sessionCache) forgetUser(user int64) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	for id, e := range c.entries {
-		if e.userID == user {
-			delete(c.entries, id)
-		}
+	for _, id := range c.byUser[user] {
+		delete(c.entries, id)
 	}
+	delete(c.byUser, user)
 	c.gen++
 }
 

@@ -8,6 +8,8 @@ import (
 	"net/url"
 	"testing"
 	"time"
+
+	"github.com/lib/pq"
 )
 
 // authedRoute is one request to a route that needs a token.
@@ -479,5 +481,58 @@ func TestSessionCache(t *testing.T) {
 	}
 	if _, _, ok := c.get(maxCachedSessions+10, 10, now); !ok {
 		t.Errorf("the newest entry is not cached")
+	}
+
+	// The list by user follows every way an entry goes: forgetting a user after
+	// the cache was full forgets all their sessions, and only theirs.
+	_, gen, _ = c.get(0, 0, now)
+	c.put(1, 11, ends, now, gen)
+	c.forgetUser(10)
+	if n := len(c.entries); n != 1 {
+		t.Errorf("after forgetting user 10: %d entries, want user 11's one", n)
+	}
+	if _, _, ok := c.get(1, 11, now); !ok {
+		t.Errorf("forgetUser(10) dropped user 11's session")
+	}
+	_, gen, _ = c.get(0, 0, now) // forgetUser moved gen on
+	c.put(1, 12, ends, now, gen) // the same session id, another user's now
+	c.forgetUser(11)
+	if _, _, ok := c.get(1, 12, now); !ok {
+		t.Errorf("forgetUser(11) dropped a session that is user 12's now")
+	}
+	for user, ids := range c.byUser {
+		for _, id := range ids {
+			if e, ok := c.entries[id]; !ok || e.userID != user {
+				t.Errorf("byUser[%d] lists session %d, which is not theirs in entries", user, id)
+			}
+		}
+	}
+}
+
+// TestCleanUpAnnouncesNothing: deleting sessions that had already ended or
+// expired (the hourly clean-up) announces nothing, so it does not make every
+// instance forget its cache; deleting an open one does.
+func TestCleanUpAnnouncesNothing(t *testing.T) {
+	t.Parallel()
+	url := privateDatabase(t)
+	ts := newTestServer(t, "DATABASE_URL="+url)
+	l := testListener(t, url, sessionsChannel)
+	ended, expired, open := ts.newUser(t, "ended"), ts.newUser(t, "expired"), ts.newUser(t, "open")
+	ended.mustDo("POST", "/api/logout", nil, http.StatusNoContent, nil)
+	if n := notifications(l); n != 1 {
+		t.Fatalf("sign-out: %d announcements, want 1", n)
+	}
+	// Moving the hard end is itself announced; what matters is the delete after it.
+	mustExec(t, ts.DB, `UPDATE sessions SET expires_at = now() - interval '1 second' WHERE user_id = $1`, expired.User.ID)
+	if n := notifications(l); n != 1 {
+		t.Fatalf("expiry moved: %d announcements, want 1", n)
+	}
+	mustExec(t, ts.DB, `DELETE FROM sessions WHERE user_id = ANY($1)`, pq.Array([]int64{ended.User.ID, expired.User.ID}))
+	if n := notifications(l); n != 0 {
+		t.Fatalf("deleting ended and expired sessions: %d announcements, want none", n)
+	}
+	mustExec(t, ts.DB, `DELETE FROM sessions WHERE user_id = $1`, open.User.ID)
+	if n := notifications(l); n != 1 {
+		t.Fatalf("deleting an open session: %d announcements, want 1", n)
 	}
 }

@@ -1,7 +1,9 @@
 -- Every end of a session is announced on the sessions channel (sessionsChannel in
 -- sessions.go), by the database itself: a sign-out, an operator's UPDATE or DELETE,
 -- a deleted user (the cascade deletes the user's sessions row by row) and a
--- TRUNCATE (announced as user 0: everybody's). The server then forgets the user's
+-- TRUNCATE (announced as user 0: everybody's). Deleting a session that had already
+-- ended or expired (the hourly clean-up) announces nothing: its end was announced,
+-- or is checked against the cached hard end. The server then forgets the user's
 -- cached sessions on every instance within milliseconds, which lets it remember an
 -- open session for long (SESSION_CACHE_TTL) instead of looking it up on nearly every
 -- request. PostgreSQL sends a transaction's identical notifications once, so ending
@@ -26,6 +28,7 @@ CREATE TRIGGER sessions_ended AFTER UPDATE ON sessions FOR EACH ROW
           OR OLD.user_id IS DISTINCT FROM NEW.user_id)
     EXECUTE FUNCTION announce_session_end();
 CREATE TRIGGER sessions_deleted AFTER DELETE ON sessions FOR EACH ROW
+    WHEN (OLD.ended_at IS NULL AND OLD.expires_at > now())
     EXECUTE FUNCTION announce_session_end();
 CREATE TRIGGER sessions_truncated AFTER TRUNCATE ON sessions FOR EACH STATEMENT
     EXECUTE FUNCTION announce_session_end();
