@@ -148,7 +148,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if cfg.sessionMaxAge, err = parseDuration(getenv, "SESSION_MAX_AGE", 30*24*time.Hour); err != nil {
 		return cfg, err
 	}
-	if cfg.sessionCheckInterval, err = parseDuration(getenv, "SESSION_CHECK_INTERVAL", 5*time.Second); err != nil {
+	if cfg.sessionCheckInterval, err = parseDuration(getenv, "SESSION_CHECK_INTERVAL", time.Minute); err != nil {
 		return cfg, err
 	}
 	if cfg.sessionCacheTTL, err = parseDuration(getenv, "SESSION_CACHE_TTL", 30*time.Second); err != nil {

@@ -31,9 +31,12 @@ import (
 // Ending sessions announces the user on sessionsChannel; each instance's
 // sessionWatcher then checks that user's local streams against the table (one
 // query) and ends those whose session ended, with a session_ended event that says
-// why. Every SESSION_CHECK_INTERVAL it checks every local stream the same way, in
-// one query per thousand streams, which catches a lost notification, a deleted
-// user and a session an operator ended in SQL.
+// why. The database announces every end of a session, and a reconnected LISTEN
+// connection has every stream checked, so the periodic check, every
+// SESSION_CHECK_INTERVAL (1 minute) in one query per thousand streams, is only a
+// safety net. A stream also ends at its token's expiry, which is never past its
+// session's hard end. With 5,000 streams, checking every 5 s was one of the
+// bursts behind the send tail of docs/performance.md (issue 15).
 
 // sessionsChannel is the PostgreSQL channel on which ended sessions are announced,
 // by the trigger of migration 00005: the payload is {"user": <id>}, meaning "some
