@@ -135,12 +135,7 @@ func (b *natsBus) subject(user int64) string {
 	return b.prefix + ".user." + strconv.FormatInt(user, 10)
 }
 
-func (b *natsBus) markLost() {
-	select {
-	case b.lost <- struct{}{}:
-	default: // a sync is already due
-	}
-}
+func (b *natsBus) markLost() { wake(b.lost) }
 
 // subscribe starts receiving user's wake-ups; the hub calls it, under its lock, when
 // the user's first stream here opens. A failure is logged: the user's streams then

@@ -83,10 +83,7 @@ func (nf *notifier) enqueue(n notification) {
 		}
 	}
 	nf.mu.Unlock()
-	select {
-	case nf.wake <- struct{}{}:
-	default:
-	}
+	wake(nf.wake)
 }
 
 // encode returns n as JSON, or nil if it does not encode.

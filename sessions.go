@@ -276,10 +276,7 @@ func (sw *sessionWatcher) noted(payload string) {
 	sw.mu.Lock()
 	sw.users[n.User] = true
 	sw.mu.Unlock()
-	select {
-	case sw.wake <- struct{}{}:
-	default:
-	}
+	wake(sw.wake)
 }
 
 // missed is for announcements that may have been lost, or that name nobody in
@@ -290,10 +287,7 @@ func (sw *sessionWatcher) missed() {
 	sw.mu.Lock()
 	sw.all = true
 	sw.mu.Unlock()
-	select {
-	case sw.wake <- struct{}{}:
-	default:
-	}
+	wake(sw.wake)
 }
 
 // run checks the announced users' streams as they come, and every stream every

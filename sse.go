@@ -299,10 +299,14 @@ func (h *Hub) syncStreams(ctx context.Context, interval time.Duration) {
 }
 
 // resyncSoon has every stream synced with the log: notifications may have been lost.
-func (h *Hub) resyncSoon() {
+func (h *Hub) resyncSoon() { wake(h.resync) }
+
+// wake signals ch, a channel with a buffer of one that a loop waits on, without
+// waiting: a wake-up already pending stands for this one too.
+func wake(ch chan<- struct{}) {
 	select {
-	case h.resync <- struct{}{}:
-	default: // a sync is already due
+	case ch <- struct{}{}:
+	default:
 	}
 }
 
