@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"database/sql/driver"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -117,11 +118,8 @@ func (p *presence) register(ctx context.Context) error {
 // greet reads the other instances, says hello, and waits for their answers: at
 // most presenceAckTimeout, and no longer for an instance whose lock is gone.
 func (p *presence) greet(ctx context.Context) error {
-	p.mu.Lock()
-	gen := p.gen
-	p.mu.Unlock()
-	others, err := p.holders(ctx)
-	if err != nil {
+	others, err := p.count(ctx)
+	if err != nil || len(others) == 0 {
 		return err
 	}
 	p.mu.Lock()
@@ -129,14 +127,7 @@ func (p *presence) greet(ctx context.Context) error {
 	for _, k := range others {
 		p.waiting[k] = true
 	}
-	if len(others) > 0 || p.gen == gen { // else a hello came meanwhile: keep notifying
-		p.others.Store(len(others) > 0)
-	}
 	p.mu.Unlock()
-	p.metrics.peerInstances.Set(float64(len(others)))
-	if len(others) == 0 {
-		return nil
-	}
 	if err := p.announce(ctx, map[string]int64{"hello": p.key.Load()}); err != nil {
 		return err
 	}
@@ -261,10 +252,7 @@ func (p *presence) noted(payload string) {
 		empty := len(p.waiting) == 0
 		p.mu.Unlock()
 		if empty {
-			select {
-			case p.answered <- struct{}{}:
-			default:
-			}
+			wake(p.answered)
 		}
 	}
 }
@@ -312,20 +300,28 @@ func (p *presence) poll(ctx context.Context) error {
 		p.hub.resyncSoon() // read the log for what the streams missed meanwhile
 		return nil
 	}
+	_, err = p.count(ctx)
+	return err
+}
+
+// count reads the other instances' locks and returns their keys. With any, this
+// instance notifies from now on; with none, it stops, unless a hello came while
+// it read, which the read may predate.
+func (p *presence) count(ctx context.Context) ([]int64, error) {
 	p.mu.Lock()
 	gen := p.gen
 	p.mu.Unlock()
 	others, err := p.holders(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	p.mu.Lock()
-	if p.gen == gen { // else a hello came meanwhile, which this read may predate
+	if len(others) > 0 || p.gen == gen {
 		p.others.Store(len(others) > 0)
 	}
 	p.mu.Unlock()
 	p.metrics.peerInstances.Set(float64(len(others)))
-	return nil
+	return others, nil
 }
 
 // close releases the lock.
@@ -337,4 +333,4 @@ func (p *presence) close() {
 	p.direct.Close()
 }
 
-var errNotRegistered = fmt.Errorf("no lock held")
+var errNotRegistered = errors.New("no lock held")
