@@ -429,6 +429,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 	s.notifying = startGroup(s.notifier.run)
 	s.upkeep = startGroup(
 		func(ctx context.Context) { s.hub.syncStreams(ctx, cfg.syncInterval) },
+		func(ctx context.Context) { s.hub.keepAlives(ctx, cfg.keepAlive) },
 		sessions.run,
 		s.cleanUp,
 		func(ctx context.Context) { every(ctx, cfg.pruneInterval, nil, func() { s.pruneEvents(ctx) }) },

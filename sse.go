@@ -92,6 +92,8 @@ type Hub struct {
 	streams map[int64]map[*stream]bool // user id → that user's open streams
 	open    int                        // streams in all the sets of streams
 	closed  bool                       // set on shutdown: no new streams
+	// nextSlot is the keep-alive slot of the next stream (see keepAlives).
+	nextSlot uint8
 }
 
 // defaultStreamsPerUser is STREAMS_PER_USER's default: a person with a dozen tabs on
@@ -158,6 +160,15 @@ type stream struct {
 	// goroutines at once, hence atomic.
 	replaying atomic.Bool
 	heldTo    atomic.Int64
+
+	// written is how far the stream has written its user's log (its streamConn's
+	// last), so that a sync mark that would tell it nothing new is not queued: the
+	// periodic sync then wakes no stream that is up to date.
+	written atomic.Int64
+
+	// slot is the group of streams whose keep-alives are due together (see
+	// keepAlives).
+	slot uint8
 }
 
 // end asks the stream to finish; it reports whether this call was the first.
@@ -197,7 +208,9 @@ func (h *Hub) register(user, session int64, replaying bool) (*stream, error) {
 		h.metrics.streamsRefused.WithLabelValues("server_full").Inc()
 		return nil, errServerFull
 	}
-	st := &stream{userID: user, sessionID: session, events: make(chan *event, h.buffer), done: make(chan struct{})}
+	st := &stream{userID: user, sessionID: session, events: make(chan *event, h.buffer), done: make(chan struct{}),
+		slot: h.nextSlot}
+	h.nextSlot = (h.nextSlot + 1) % keepAliveSlots
 	st.replaying.Store(replaying)
 	if h.streams[user] == nil {
 		h.streams[user] = make(map[*stream]bool)
@@ -260,6 +273,9 @@ func (h *Hub) publish(user int64, ev *event) {
 			st.holdBack(max(ev.seq, ev.syncTo))
 			continue
 		}
+		if ev.syncTo > 0 && ev.syncTo <= st.written.Load() {
+			continue // nothing to catch up on
+		}
 		select {
 		case st.events <- ev:
 		default:
@@ -296,6 +312,42 @@ func shutdownRetry() []byte {
 // after resyncSoon (a bus or the listener lost notifications), until ctx is done.
 func (h *Hub) syncStreams(ctx context.Context, interval time.Duration) {
 	every(ctx, interval, h.resync, func() { h.sync(ctx) })
+}
+
+// errClientLeft ends a stream whose client closed its connection.
+var errClientLeft = errors.New("client left")
+
+// keepAliveSlots is how many groups the streams' keep-alives are spread over.
+const keepAliveSlots = 16
+
+// keepAliveEvent asks a stream for a keep-alive comment (see keepAlives).
+var keepAliveEvent = &event{}
+
+// keepAlives has every live stream write a keep-alive once every interval
+// (SSE_KEEPALIVE), until ctx is done. The streams are dealt into keepAliveSlots
+// groups as they open, and one group is due every interval/keepAliveSlots: so the
+// streams that opened together (an instance's clients after a restart, or a load
+// test's) write their keep-alives in small batches spread over the interval, not in
+// one burst that holds back the sends due at that moment (docs/performance.md,
+// issue 15), and one ticker serves every stream instead of one each. A stream whose
+// queue is not empty is skipped: it is writing anyway.
+func (h *Hub) keepAlives(ctx context.Context, interval time.Duration) {
+	var slot uint8
+	every(ctx, max(interval/keepAliveSlots, time.Millisecond), nil, func() {
+		h.mu.RLock()
+		for _, set := range h.streams {
+			for st := range set {
+				if st.slot == slot && !st.replaying.Load() && len(st.events) == 0 {
+					select {
+					case st.events <- keepAliveEvent:
+					default:
+					}
+				}
+			}
+		}
+		h.mu.RUnlock()
+		slot = (slot + 1) % keepAliveSlots
+	})
 }
 
 // resyncSoon has every stream synced with the log: notifications may have been lost.
@@ -617,7 +669,8 @@ func (s *server) handleStream() apiHandler {
 		hello = append(hello, readyFrame(last)...)
 		hello = append(hello, reset...)
 
-		sc := &streamConn{srv: s, st: st, last: last, expires: sess.expires}
+		sc := &streamConn{srv: s, st: st, expires: sess.expires}
+		sc.advance(last)
 		if r.ProtoMajor == 1 && s.cfg.hijackStreams {
 			conn, start, err := hijackStream(w, hello)
 			if err != nil {
@@ -704,8 +757,6 @@ func (sc *streamConn) serve(ctx context.Context, replay bool) {
 			return
 		}
 	}
-	keepAlive := time.NewTicker(s.cfg.keepAlive)
-	defer keepAlive.Stop()
 	expiry := time.NewTimer(time.Until(sc.expires))
 	defer expiry.Stop()
 	for {
@@ -733,11 +784,6 @@ func (sc *streamConn) serve(ctx context.Context, replay bool) {
 			sc.out.write([]byte(": token expired\n\n"))
 			sc.out.flush()
 			return
-		case <-keepAlive.C:
-			if sc.out.to.left() {
-				return
-			}
-			sc.out.write([]byte(": keep-alive\n\n"))
 		case ev := <-st.events:
 			// Take everything queued, then write once.
 			for {
@@ -781,6 +827,11 @@ func (sc *streamConn) replay(ctx context.Context, missed bool) error {
 // and reads any gap before it from the log.
 func (sc *streamConn) handle(ctx context.Context, ev *event) error {
 	switch {
+	case ev == keepAliveEvent:
+		if sc.out.to.left() {
+			return errClientLeft
+		}
+		sc.out.write([]byte(": keep-alive\n\n"))
 	case ev.syncTo > 0:
 		if ev.syncTo > sc.last {
 			return sc.catchUp(ctx, ev.syncTo)
@@ -796,10 +847,16 @@ func (sc *streamConn) handle(ctx context.Context, ev *event) error {
 			}
 		}
 		sc.out.write(ev.frame)
-		sc.last = ev.seq
+		sc.advance(ev.seq)
 		sc.srv.metrics.eventsDelivered.Inc()
 	}
 	return nil
+}
+
+// advance records that the events up to seq were written.
+func (sc *streamConn) advance(seq int64) {
+	sc.last = seq
+	sc.st.written.Store(seq)
 }
 
 // catchUp writes the user's events from the log after the last one written, up to
@@ -814,7 +871,7 @@ func (sc *streamConn) catchUp(ctx context.Context, upTo int64) error {
 		}
 		for _, ev := range evs {
 			sc.out.write(ev.frame)
-			sc.last = ev.seq
+			sc.advance(ev.seq)
 		}
 		sc.srv.metrics.eventsDelivered.Add(float64(len(evs)))
 		if err := sc.out.flush(); err != nil {
@@ -901,12 +958,18 @@ func (hs *hijackedStream) send(b []byte, timeout time.Duration) error {
 func (hs *hijackedStream) gone() <-chan struct{} { return nil }
 
 // left reports whether the client has closed its side of the connection. The
-// client sends nothing after its request, so a read that does not have to wait
-// either finds the end of the stream or nothing. Checking on each keep-alive,
-// instead of parking a goroutine in Read for the stream's whole life, saves 2 KB
-// of stack per idle stream; a departed client is noticed within SSE_KEEPALIVE
-// (or at once, by the next event's failed write).
+// client sends nothing after its request, so a read that does not wait either
+// finds the end of the stream or nothing. Checking at each keep-alive, instead of
+// parking a goroutine in Read for the stream's whole life, saves 2 KB of stack per
+// idle stream; a departed client is noticed within SSE_KEEPALIVE (or at once, by
+// the next event's failed write). On a socket the check is one non-blocking read
+// system call; on a TLS connection, a read with a deadline already due.
 func (hs *hijackedStream) left() bool {
+	if sc, ok := hs.conn.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			return socketClosed(raw)
+		}
+	}
 	// A deadline already past would fail the read before it looks at the socket.
 	hs.conn.SetReadDeadline(time.Now().Add(time.Millisecond))
 	var b [64]byte
@@ -918,6 +981,29 @@ func (hs *hijackedStream) left() bool {
 		var ne net.Error
 		return !(errors.As(err, &ne) && ne.Timeout())
 	}
+}
+
+// socketClosed reports whether the peer of raw, a socket, has closed it: reading it
+// without waiting finds the end of the stream or an error. Stray bytes are read
+// and ignored, a bounded number of times.
+func socketClosed(raw syscall.RawConn) bool {
+	closed := false
+	var b [64]byte
+	err := raw.Read(func(fd uintptr) bool {
+		for range 16 {
+			n, err := syscall.Read(int(fd), b[:])
+			switch {
+			case err == syscall.EINTR || n > 0:
+				continue
+			case err == syscall.EAGAIN:
+			default: // n == 0: the end of the stream; or an error
+				closed = true
+			}
+			break
+		}
+		return true // never wait for the socket to become readable
+	})
+	return closed || err != nil
 }
 
 func (hs *hijackedStream) close() { hs.conn.Close() }

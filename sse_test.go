@@ -550,3 +550,77 @@ func TestOwnNotificationsDeliveredOnce(t *testing.T) {
 		}
 	})
 }
+
+// TestPeriodicSyncCatchesUp stores messages for bob with no notification at all,
+// as a notification lost with the listener's connection would leave them: the
+// periodic sync must tell his stream how far his log reaches, and the stream must
+// read them from the log, in order. (The hub queues a sync mark only to a stream
+// behind the log; this is the stream that must get one.)
+func TestPeriodicSyncCatchesUp(t *testing.T) {
+	t.Parallel()
+	ts := newTestServer(t, "SSE_SYNC_INTERVAL=200ms")
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := alice.startConversation(bob)
+	s := bob.stream("")
+	announced := alice.send(conv.ID, "announced")
+	if _, m := s.nextMessage(eventWait); m.ID != announced.ID {
+		t.Fatalf("got %s, want %s", m.ID, announced.ID)
+	}
+	sendMany(t, ts, alice, conv.ID, 3, "unannounced")
+	for i := range 3 {
+		if _, m := s.nextMessage(eventWait); m.Content != "unannounced" {
+			t.Fatalf("message %d after the unannounced sends: got %q", i, m.Content)
+		}
+	}
+	s.expectNone(500 * time.Millisecond)
+}
+
+// TestKeepAlivesSpread opens keepAliveSlots streams at once and checks that their
+// first keep-alives are spread over SSE_KEEPALIVE instead of falling due together:
+// streams that open together (an instance's clients after a restart) must not
+// write their keep-alives in one burst, which held back the sends due at that
+// moment (docs/performance.md, issue 15). Opened one after the other, the streams
+// take consecutive slots, due SSE_KEEPALIVE/keepAliveSlots apart.
+func TestKeepAlivesSpread(t *testing.T) {
+	t.Parallel()
+	const keepAlive = 3200 * time.Millisecond
+	ts := newTestServer(t, "SSE_KEEPALIVE="+keepAlive.String())
+	alice := ts.newUser(t, "alice")
+	firsts := make(chan time.Time, keepAliveSlots)
+	for range keepAliveSlots {
+		req, _ := http.NewRequest("GET", ts.URL+"/api/messages", nil)
+		req.Header.Set("Accept", "text/event-stream")
+		req.Header.Set("Authorization", "Bearer "+alice.Token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		go func() {
+			sc := bufio.NewScanner(resp.Body)
+			for sc.Scan() {
+				if sc.Text() == ": keep-alive" {
+					firsts <- time.Now()
+					return
+				}
+			}
+		}()
+	}
+	var first, last time.Time
+	for i := range keepAliveSlots {
+		select {
+		case at := <-firsts:
+			if i == 0 {
+				first = at
+			}
+			last = at
+		case <-time.After(keepAlive + 10*time.Second):
+			t.Fatalf("%d of %d streams had no keep-alive", keepAliveSlots-i, keepAliveSlots)
+		}
+	}
+	// 15 slots apart: 3 s. Due together, they would all come within the time it
+	// took to open the streams.
+	if spread := last.Sub(first); spread < keepAlive*3/4 {
+		t.Fatalf("first keep-alives spread over %v, want at least %v", spread, keepAlive*3/4)
+	}
+}
