@@ -388,8 +388,8 @@ func (h *Hub) streamSessions(users []int64) []int64 {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	seen := make(map[int64]bool)
-	add := func(set map[*stream]bool) {
-		for st := range set {
+	add := func(set []*stream) {
+		for _, st := range set {
 			seen[st.sessionID] = true
 		}
 	}
@@ -414,7 +414,7 @@ func (h *Hub) endSessionStreams(ended map[int64]string) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
 	for _, set := range h.streams {
-		for st := range set {
+		for _, st := range set {
 			if reason, ok := ended[st.sessionID]; ok {
 				st.endSession(reason)
 			}

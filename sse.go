@@ -13,6 +13,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -71,7 +72,7 @@ type event struct {
 // Hub fans events out to the open streams of each user on this instance.
 type Hub struct {
 	db      *sql.DB
-	buffer  int // capacity of each stream's queue
+	buffer  int // most events that wait in each stream's queue (SSE_BUFFER)
 	perUser int // open streams one user may hold (STREAMS_PER_USER)
 	max     int // open streams in all (STREAMS_MAX)
 	metrics *metrics
@@ -88,10 +89,10 @@ type Hub struct {
 
 	errUserLimit *apiError // the answer past perUser
 
-	mu      sync.RWMutex               // guards streams, open and closed
-	streams map[int64]map[*stream]bool // user id → that user's open streams
-	open    int                        // streams in all the sets of streams
-	closed  bool                       // set on shutdown: no new streams
+	mu      sync.RWMutex        // guards streams, open and closed
+	streams map[int64][]*stream // user id → that user's open streams (at most perUser)
+	open    int                 // streams in all the sets of streams
+	closed  bool                // set on shutdown: no new streams
 	// nextSlot is the keep-alive slot of the next stream (see keepAlives).
 	nextSlot uint8
 }
@@ -132,7 +133,7 @@ var (
 
 func newHub(db *sql.DB, cfg config, m *metrics, logger *slog.Logger) *Hub {
 	return &Hub{db: db, origin: rand.Text(), buffer: cfg.streamBuffer, perUser: cfg.streamsPerUser, max: cfg.streamsMax,
-		metrics: m, logger: logger, streams: make(map[int64]map[*stream]bool), resync: make(chan struct{}, 1),
+		metrics: m, logger: logger, streams: make(map[int64][]*stream), resync: make(chan struct{}, 1),
 		errUserLimit: tooMany(fmt.Sprintf("too many open streams: at most %d per user; close one (another tab or device)", cfg.streamsPerUser),
 			10*time.Second),
 	}
@@ -140,11 +141,20 @@ func newHub(db *sql.DB, cfg config, m *metrics, logger *slog.Logger) *Hub {
 
 // stream is one open GET /api/messages response.
 type stream struct {
-	userID   int64
-	events   chan *event
+	userID int64
+
+	// queue holds the events publish gave the stream that it has not taken yet,
+	// at most the hub's buffer of them; ready is signalled when it fills from
+	// empty. A slice that exists only while events wait, rather than a channel
+	// with a buffer of SSE_BUFFER, costs an idle stream nothing (see take).
+	mu    sync.Mutex // guards queue
+	queue []*event
+	ready chan struct{}
+
 	done     chan struct{} // closed by end: the hub wants this stream gone
 	ended    atomic.Bool
 	slow     atomic.Bool // ended because it fell behind
+	expired  atomic.Bool // ended because its token expired
 	shutdown atomic.Bool // ended because the server is shutting down
 
 	// sessionID is the session of the token that opened the stream, and
@@ -171,9 +181,51 @@ type stream struct {
 	slot uint8
 }
 
+// push queues ev unless max events wait already; it reports whether it did.
+func (st *stream) push(ev *event, max int) bool {
+	st.mu.Lock()
+	if len(st.queue) >= max {
+		st.mu.Unlock()
+		return false
+	}
+	st.queue = append(st.queue, ev)
+	first := len(st.queue) == 1
+	st.mu.Unlock()
+	if first {
+		wake(st.ready)
+	}
+	return true
+}
+
+// idle reports whether no event waits.
+func (st *stream) idle() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return len(st.queue) == 0
+}
+
+// take returns the waiting events, in order, and leaves spare (emptied) to queue
+// the next ones in: the stream's goroutine hands the slice it has just written
+// back, so a busy stream reuses two slices and an idle one keeps two tiny ones.
+func (st *stream) take(spare []*event) []*event {
+	clear(spare)
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	evs := st.queue
+	st.queue = spare[:0]
+	return evs
+}
+
 // end asks the stream to finish; it reports whether this call was the first.
-func (st *stream) end() bool {
+func (st *stream) end() bool { return st.endFor(nil) }
+
+// endFor is end, setting why (if not nil) first if this call is the first: the
+// stream then knows why it ended as soon as it sees done.
+func (st *stream) endFor(why *atomic.Bool) bool {
 	if st.ended.CompareAndSwap(false, true) {
+		if why != nil {
+			why.Store(true)
+		}
 		close(st.done)
 		return true
 	}
@@ -208,17 +260,14 @@ func (h *Hub) register(user, session int64, replaying bool) (*stream, error) {
 		h.metrics.streamsRefused.WithLabelValues("server_full").Inc()
 		return nil, errServerFull
 	}
-	st := &stream{userID: user, sessionID: session, events: make(chan *event, h.buffer), done: make(chan struct{}),
+	st := &stream{userID: user, sessionID: session, ready: make(chan struct{}, 1), done: make(chan struct{}),
 		slot: h.nextSlot}
 	h.nextSlot = (h.nextSlot + 1) % keepAliveSlots
 	st.replaying.Store(replaying)
-	if h.streams[user] == nil {
-		h.streams[user] = make(map[*stream]bool)
-		if h.bus != nil {
-			h.bus.subscribe(user)
-		}
+	if h.streams[user] == nil && h.bus != nil {
+		h.bus.subscribe(user)
 	}
-	h.streams[user][st] = true
+	h.streams[user] = append(h.streams[user], st)
 	h.open++
 	h.metrics.streamsOpen.Inc()
 	h.running.Add(1) // under mu, after the closed check: shutdown's Wait cannot miss it
@@ -229,8 +278,9 @@ func (h *Hub) register(user, session int64, replaying bool) (*stream, error) {
 func (h *Hub) unregister(st *stream) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if set := h.streams[st.userID]; set[st] {
-		delete(set, st)
+	if set := h.streams[st.userID]; slices.Contains(set, st) {
+		set = slices.DeleteFunc(set, func(s *stream) bool { return s == st })
+		h.streams[st.userID] = set
 		if len(set) == 0 {
 			delete(h.streams, st.userID)
 			if h.bus != nil {
@@ -267,7 +317,7 @@ func (h *Hub) hasStreams(user int64) bool {
 func (h *Hub) publish(user int64, ev *event) {
 	h.mu.RLock()
 	defer h.mu.RUnlock()
-	for st := range h.streams[user] {
+	for _, st := range h.streams[user] {
 		if st.replaying.Load() {
 			// The replay reads the event from the log; a fleeting one is dropped.
 			st.holdBack(max(ev.seq, ev.syncTo))
@@ -276,13 +326,8 @@ func (h *Hub) publish(user int64, ev *event) {
 		if ev.syncTo > 0 && ev.syncTo <= st.written.Load() {
 			continue // nothing to catch up on
 		}
-		select {
-		case st.events <- ev:
-		default:
-			if st.end() {
-				st.slow.Store(true)
-				h.metrics.streamsDroppedSlow.Inc()
-			}
+		if !st.push(ev, h.buffer) && st.endFor(&st.slow) {
+			h.metrics.streamsDroppedSlow.Inc()
 		}
 	}
 }
@@ -293,7 +338,7 @@ func (h *Hub) closeAll() {
 	defer h.mu.Unlock()
 	h.closed = true
 	for _, set := range h.streams {
-		for st := range set {
+		for _, st := range set {
 			st.shutdown.Store(true)
 			st.end()
 		}
@@ -329,19 +374,16 @@ var keepAliveEvent = &event{}
 // streams that opened together (an instance's clients after a restart, or a load
 // test's) write their keep-alives in small batches spread over the interval, not in
 // one burst that holds back the sends due at that moment (docs/performance.md,
-// issue 15), and one ticker serves every stream instead of one each. A stream whose
-// queue is not empty is skipped: it is writing anyway.
+// issue 15), and one ticker serves every stream instead of one each. A stream with
+// events waiting is skipped: it is writing anyway.
 func (h *Hub) keepAlives(ctx context.Context, interval time.Duration) {
 	var slot uint8
 	every(ctx, max(interval/keepAliveSlots, time.Millisecond), nil, func() {
 		h.mu.RLock()
 		for _, set := range h.streams {
-			for st := range set {
-				if st.slot == slot && !st.replaying.Load() && len(st.events) == 0 {
-					select {
-					case st.events <- keepAliveEvent:
-					default:
-					}
+			for _, st := range set {
+				if st.slot == slot && !st.replaying.Load() && st.idle() {
+					st.push(keepAliveEvent, h.buffer)
 				}
 			}
 		}
@@ -639,7 +681,7 @@ func (s *server) handleStream() apiHandler {
 		}()
 		s.hub.bus.settle() // before the log's end is read (below)
 		// The stream is registered before the log's end is read, so every event
-		// after that point is either in the log or in st.events (or, while the
+		// after that point is either in the log or in st.queue (or, while the
 		// stream replays, below st.heldTo). The session is looked up once more in
 		// the same query, past the cache, now that the stream is registered: a
 		// sign-out announced between the token check and the registration found no
@@ -757,14 +799,21 @@ func (sc *streamConn) serve(ctx context.Context, replay bool) {
 			return
 		}
 	}
-	expiry := time.NewTimer(time.Until(sc.expires))
+	// A timer that runs a function holds no channel: a few hundred bytes less a stream.
+	expiry := time.AfterFunc(time.Until(sc.expires), func() { st.endFor(&st.expired) })
 	defer expiry.Stop()
+	var evs []*event
 	for {
 		select {
 		case <-st.done:
 			reason = "ended by the server"
 			if st.slow.Load() {
 				reason = "too slow"
+			}
+			if st.expired.Load() {
+				reason = "token expired"
+				sc.out.write([]byte(": token expired\n\n"))
+				sc.out.flush()
 			}
 			if why := st.sessionEnded.Load(); why != nil {
 				reason = "session ended: " + *why
@@ -779,22 +828,14 @@ func (sc *streamConn) serve(ctx context.Context, replay bool) {
 			return
 		case <-sc.out.to.gone():
 			return
-		case <-expiry.C:
-			reason = "token expired"
-			sc.out.write([]byte(": token expired\n\n"))
-			sc.out.flush()
-			return
-		case ev := <-st.events:
+		case <-st.ready:
 			// Take everything queued, then write once.
-			for {
+			evs = st.take(evs)
+			for _, ev := range evs {
 				if err := sc.handle(ctx, ev); err != nil {
 					reason = err.Error()
 					return
 				}
-				if len(st.events) == 0 {
-					break
-				}
-				ev = <-st.events
 			}
 		}
 		if err := sc.out.flush(); err != nil {
