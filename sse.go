@@ -176,9 +176,11 @@ type stream struct {
 	// periodic sync then wakes no stream that is up to date.
 	written atomic.Int64
 
-	// slot is the group of streams whose keep-alives are due together (see
+	// slot is the group of streams whose keep-alives are due together, and
+	// keepAliveDue is set, with ready signalled, when this stream's is due (see
 	// keepAlives).
-	slot uint8
+	slot         uint8
+	keepAliveDue atomic.Bool
 }
 
 // push queues ev unless max events wait already; it reports whether it did.
@@ -197,18 +199,10 @@ func (st *stream) push(ev *event, max int) bool {
 	return true
 }
 
-// idle reports whether no event waits.
-func (st *stream) idle() bool {
-	st.mu.Lock()
-	defer st.mu.Unlock()
-	return len(st.queue) == 0
-}
-
-// take returns the waiting events, in order, and leaves spare (emptied) to queue
-// the next ones in: the stream's goroutine hands the slice it has just written
-// back, so a busy stream reuses two slices and an idle one keeps two tiny ones.
+// take returns the waiting events, in order, and leaves spare (empty) to queue the
+// next ones in: the stream's goroutine hands back the slice it has just written,
+// so a busy stream reuses two slices.
 func (st *stream) take(spare []*event) []*event {
-	clear(spare)
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	evs := st.queue
@@ -359,14 +353,8 @@ func (h *Hub) syncStreams(ctx context.Context, interval time.Duration) {
 	every(ctx, interval, h.resync, func() { h.sync(ctx) })
 }
 
-// errClientLeft ends a stream whose client closed its connection.
-var errClientLeft = errors.New("client left")
-
 // keepAliveSlots is how many groups the streams' keep-alives are spread over.
 const keepAliveSlots = 16
-
-// keepAliveEvent asks a stream for a keep-alive comment (see keepAlives).
-var keepAliveEvent = &event{}
 
 // keepAlives has every live stream write a keep-alive once every interval
 // (SSE_KEEPALIVE), until ctx is done. The streams are dealt into keepAliveSlots
@@ -374,16 +362,17 @@ var keepAliveEvent = &event{}
 // streams that opened together (an instance's clients after a restart, or a load
 // test's) write their keep-alives in small batches spread over the interval, not in
 // one burst that holds back the sends due at that moment (docs/performance.md,
-// issue 15), and one ticker serves every stream instead of one each. A stream with
-// events waiting is skipped: it is writing anyway.
+// issue 15), and one ticker serves every stream instead of one each. The request
+// is a flag beside the queue, so that it takes no place in it.
 func (h *Hub) keepAlives(ctx context.Context, interval time.Duration) {
 	var slot uint8
 	every(ctx, max(interval/keepAliveSlots, time.Millisecond), nil, func() {
 		h.mu.RLock()
 		for _, set := range h.streams {
 			for _, st := range set {
-				if st.slot == slot && !st.replaying.Load() && st.idle() {
-					st.push(keepAliveEvent, h.buffer)
+				if st.slot == slot && !st.replaying.Load() {
+					st.keepAliveDue.Store(true)
+					wake(st.ready)
 				}
 			}
 		}
@@ -837,6 +826,17 @@ func (sc *streamConn) serve(ctx context.Context, replay bool) {
 					return
 				}
 			}
+			// The frames may go; a stream that had a burst keeps no large slice.
+			clear(evs)
+			if cap(evs) > 8 {
+				evs = nil
+			}
+			if st.keepAliveDue.Swap(false) {
+				if sc.out.to.left() {
+					return // reason: client left
+				}
+				sc.out.write([]byte(": keep-alive\n\n"))
+			}
 		}
 		if err := sc.out.flush(); err != nil {
 			reason = "write failed"
@@ -868,11 +868,6 @@ func (sc *streamConn) replay(ctx context.Context, missed bool) error {
 // and reads any gap before it from the log.
 func (sc *streamConn) handle(ctx context.Context, ev *event) error {
 	switch {
-	case ev == keepAliveEvent:
-		if sc.out.to.left() {
-			return errClientLeft
-		}
-		sc.out.write([]byte(": keep-alive\n\n"))
 	case ev.syncTo > 0:
 		if ev.syncTo > sc.last {
 			return sc.catchUp(ctx, ev.syncTo)

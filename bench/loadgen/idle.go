@@ -18,6 +18,7 @@ func runIdle(ctx context.Context, args []string) error {
 	n := fs.Int("n", 2000, "idle streams to open, one user each")
 	proto := fs.String("proto", "http1", "http1; h2c (cleartext HTTP/2, a connection a stream); "+
 		"or h2c-shared (streams share connections, as many as the server allows on one)")
+	hold := fs.Duration("hold", 0, "then hold the streams this long and report the server's CPU meanwhile (needs -server-pid)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -43,10 +44,31 @@ func runIdle(ctx context.Context, args []string) error {
 	}
 	fmt.Fprintf(os.Stderr, "idle over %s: %d streams, resident %d → %d KB: %.1f KB a stream (Go heap %.1f KB, stacks %.1f KB, %.1f goroutines)\n",
 		*proto, is.Streams, is.RSSBeforeKB, is.RSSAfterKB, is.KBPerStream, is.HeapKBPerStream, is.StackKBPerStream, is.GoroutinesPerStr)
+	var cpu float64 // the server's CPU seconds per second of hold
+	if *hold > 0 && *serverPid > 0 {
+		before, err := procTicks(*serverPid, false)
+		if err != nil {
+			return err
+		}
+		start := time.Now()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(*hold):
+		}
+		after, err := procTicks(*serverPid, false)
+		if err != nil {
+			return err
+		}
+		cpu = float64(after-before) / clockTicks / time.Since(start).Seconds()
+		fmt.Fprintf(os.Stderr, "held %d idle streams for %v: the server used %.4f of a core (%.1f ms of CPU a second)\n",
+			is.Streams, *hold, cpu, cpu*1000)
+	}
 	return json.NewEncoder(os.Stdout).Encode(struct {
-		Proto string `json:"proto"`
+		Proto   string  `json:"proto"`
+		HoldCPU float64 `json:"holdCores,omitempty"`
 		idleStats
-	}{*proto, is})
+	}{*proto, cpu, is})
 }
 
 // h2cTransport speaks only cleartext HTTP/2 with prior knowledge.
