@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"io"
 	"math"
@@ -352,6 +353,29 @@ func FuzzHTTP(f *testing.F) {
 			if after := dbFingerprint(t, ts.DB); after != before {
 				t.Fatalf("%s %s?%s: %d, and the database changed:\n got %s\nwant %s", method, path, query, res.status, after, before)
 			}
+		}
+	})
+}
+
+// FuzzMessageJSON checks that a Message's own MarshalJSON, which respond and
+// messageFrame call directly, writes exactly what json.Marshal would (which runs
+// it and then compacts and HTML-escapes its output), for any content.
+func FuzzMessageJSON(f *testing.F) {
+	f.Add("hello", int64(1))
+	f.Add("<script>&\u2028\u2029\"\\\n\t</script>", int64(1<<62))
+	f.Add("\xff invalid UTF-8 \xc3", int64(7))
+	f.Fuzz(func(t *testing.T, content string, id int64) {
+		m := Message{ID: id, Content: content, ConversationID: id / 2, CreatedAt: time.UnixMicro(id % (1 << 50)), Mine: id%2 == 0}
+		direct, err := m.MarshalJSON()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := json.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(direct, want) {
+			t.Fatalf("MarshalJSON = %s, json.Marshal = %s", direct, want)
 		}
 	})
 }

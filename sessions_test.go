@@ -342,14 +342,14 @@ func BenchmarkSessionCheck(b *testing.B) {
 	b.Run("parse and look up", func(b *testing.B) {
 		for b.Loop() {
 			srv.sessionCache.clear()
-			if _, err := srv.checkToken(req, false); err != nil {
+			if _, err := srv.checkToken(req.Context(), req, false); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
 	b.Run("parse and find in cache", func(b *testing.B) {
 		for b.Loop() {
-			if _, err := srv.checkToken(req, false); err != nil {
+			if _, err := srv.checkToken(req.Context(), req, false); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -489,7 +489,7 @@ func (h *Hub) syncUsers(ctx context.Context, users []int64) error {
 // messageFrame encodes a message event: the default event type, so that
 // EventSource.onmessage receives it.
 func messageFrame(seq int64, m Message) []byte {
-	data, _ := json.Marshal(m) // a Message always encodes
+	data, _ := m.MarshalJSON() // a Message always encodes; see respond for why not json.Marshal
 	return namedFrame(seq, "", data)
 }
 
