@@ -144,12 +144,20 @@ type stream struct {
 	userID int64
 
 	// queue holds the events publish gave the stream that it has not taken yet,
-	// at most the hub's buffer of them; ready is signalled when it fills from
-	// empty. A slice that exists only while events wait, rather than a channel
-	// with a buffer of SSE_BUFFER, costs an idle stream nothing (see take).
+	// at most the hub's buffer of them; signal tells the stream when it fills
+	// from empty. A slice that exists only while events wait, rather than a
+	// channel with a buffer of SSE_BUFFER, costs an idle stream nothing (see
+	// take).
 	mu    sync.Mutex // guards queue
 	queue []*event
-	ready chan struct{}
+
+	// How signal reaches the stream: a stream served by a goroutine of its own
+	// waits on ready; a parked stream (see streamConn.park), which has no
+	// goroutine while it has nothing to do, is run when signalled and not
+	// running already.
+	ready   chan struct{}
+	parked  atomic.Pointer[streamConn]
+	running atomic.Bool
 
 	done     chan struct{} // closed by end: the hub wants this stream gone
 	ended    atomic.Bool
@@ -194,20 +202,50 @@ func (st *stream) push(ev *event, max int) bool {
 	first := len(st.queue) == 1
 	st.mu.Unlock()
 	if first {
-		wake(st.ready)
+		st.signal()
 	}
 	return true
 }
 
-// take returns the waiting events, in order, and leaves spare (empty) to queue the
-// next ones in: the stream's goroutine hands back the slice it has just written,
-// so a busy stream reuses two slices.
-func (st *stream) take(spare []*event) []*event {
+// signal tells the stream it has something to do: events queued, a keep-alive due,
+// or its end.
+func (st *stream) signal() {
+	if sc := st.parked.Load(); sc != nil {
+		if st.running.CompareAndSwap(false, true) {
+			go sc.run()
+		}
+		return
+	}
+	wake(st.ready)
+}
+
+// pending reports whether the stream has something to do (see signal).
+func (st *stream) pending() bool {
+	if st.ended.Load() || st.keepAliveDue.Load() {
+		return true
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return len(st.queue) > 0
+}
+
+// take returns the waiting events, in order, and empties the queue.
+func (st *stream) take() []*event {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	evs := st.queue
-	st.queue = spare[:0]
+	st.queue = nil
 	return evs
+}
+
+// giveBack lets the queue reuse evs, written and emptied, if nothing was queued
+// since take.
+func (st *stream) giveBack(evs []*event) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.queue == nil {
+		st.queue = evs[:0]
+	}
 }
 
 // end asks the stream to finish; it reports whether this call was the first.
@@ -221,6 +259,7 @@ func (st *stream) endFor(why *atomic.Bool) bool {
 			why.Store(true)
 		}
 		close(st.done)
+		st.signal()
 		return true
 	}
 	return false
@@ -372,7 +411,7 @@ func (h *Hub) keepAlives(ctx context.Context, interval time.Duration) {
 			for _, st := range set {
 				if st.slot == slot && !st.replaying.Load() {
 					st.keepAliveDue.Store(true)
-					wake(st.ready)
+					st.signal()
 				}
 			}
 		}
@@ -762,87 +801,147 @@ type streamConn struct {
 	out     streamWriter
 	last    int64 // sequence number of the last event written
 	expires time.Time
+	start   time.Time
+	expiry  *time.Timer
+
+	// ctx is what reads of the log take when the stream is parked (see park):
+	// the stream has no request of its own then.
+	ctx context.Context
 }
 
 // serve writes the stream until the client leaves, the hub ends it, its token
 // expires or a write fails; replay says the log holds events the client missed.
 // Reads of the log take ctx: the request's, when the stream is served in its
 // handler, so that a departed client's reads stop too.
+//
+// A stream on a connection taken over (whose transport has no gone channel) is
+// parked once it is live: it has no goroutine while it has nothing to write, and
+// each signal runs one while there is (see park). An idle stream then costs no
+// goroutine stack, which every garbage collection would scan (docs/performance.md,
+// issue 15). A stream served in its handler keeps the handler's goroutine anyway,
+// and waits on it.
 func (sc *streamConn) serve(ctx context.Context, replay bool) {
-	s, st := sc.srv, sc.st
-	start := time.Now()
-	reason := "client left"
-	defer func() {
-		sc.out.to.close()
-		s.hub.unregister(st)
-		s.logger.Info("stream closed", "user", st.userID, "last", sc.last, "reason", reason,
-			"duration", time.Since(start).Round(time.Millisecond))
-	}()
+	st := sc.st
+	sc.start = time.Now()
 	if err := sc.out.flush(); err != nil {
-		reason = "write failed"
+		sc.finish("write failed")
 		return
 	}
 	if st.replaying.Load() {
 		if err := sc.replay(ctx, replay); err != nil {
-			reason = err.Error()
+			sc.finish(err.Error())
 			return
 		}
 	}
 	// A timer that runs a function holds no channel: a few hundred bytes less a stream.
-	expiry := time.AfterFunc(time.Until(sc.expires), func() { st.endFor(&st.expired) })
-	defer expiry.Stop()
-	var evs []*event
+	sc.expiry = time.AfterFunc(time.Until(sc.expires), func() { st.endFor(&st.expired) })
+	gone := sc.out.to.gone()
+	if gone == nil {
+		sc.park(ctx)
+		return
+	}
 	for {
 		select {
 		case <-st.done:
-			reason = "ended by the server"
-			if st.slow.Load() {
-				reason = "too slow"
-			}
-			if st.expired.Load() {
-				reason = "token expired"
-				sc.out.write([]byte(": token expired\n\n"))
-				sc.out.flush()
-			}
-			if why := st.sessionEnded.Load(); why != nil {
-				reason = "session ended: " + *why
-				sc.out.write(sessionEndedFrame(*why))
-				sc.out.flush()
-			}
-			if st.shutdown.Load() {
-				reason = "server shutting down"
-				sc.out.write(shutdownRetry())
-				sc.out.flush()
-			}
-			return
-		case <-sc.out.to.gone():
+		case <-gone:
+			sc.finish("client left")
 			return
 		case <-st.ready:
-			// Take everything queued, then write once.
-			evs = st.take(evs)
-			for _, ev := range evs {
-				if err := sc.handle(ctx, ev); err != nil {
-					reason = err.Error()
-					return
-				}
-			}
-			// The frames may go; a stream that had a burst keeps no large slice.
-			clear(evs)
-			if cap(evs) > 8 {
-				evs = nil
-			}
-			if st.keepAliveDue.Swap(false) {
-				if sc.out.to.left() {
-					return // reason: client left
-				}
-				sc.out.write([]byte(": keep-alive\n\n"))
-			}
 		}
-		if err := sc.out.flush(); err != nil {
-			reason = "write failed"
+		if reason, over := sc.step(ctx); over {
+			sc.finish(reason)
 			return
 		}
 	}
+}
+
+// park hands the stream over to signal, which runs it (run) in a goroutine of its
+// own whenever it has something to do and is not running already; then the
+// calling goroutine returns. Until park, signals went to ready, which nobody reads
+// now: park runs the stream once itself, so nothing signalled before is missed.
+func (sc *streamConn) park(ctx context.Context) {
+	sc.ctx = ctx
+	sc.st.running.Store(true) // before parked: a signal from now on finds it running
+	sc.st.parked.Store(sc)
+	sc.run()
+}
+
+// run takes steps while the stream has something to do, then lets it go idle. The
+// running flag makes runs one at a time: a signal that comes while one runs
+// starts none, and the run looks again once it has cleared the flag, so that a
+// signal in between is not lost.
+func (sc *streamConn) run() {
+	st := sc.st
+	for {
+		if reason, over := sc.step(sc.ctx); over {
+			sc.finish(reason) // running stays set: nothing runs the stream again
+			return
+		}
+		st.running.Store(false)
+		if !st.pending() || !st.running.CompareAndSwap(false, true) {
+			return
+		}
+	}
+}
+
+// step does what the stream has to do now: its last words if it was ended, or
+// else the queued events, then a keep-alive if one is due, written at once. It
+// returns why the stream is over, if it is.
+func (sc *streamConn) step(ctx context.Context) (reason string, over bool) {
+	st := sc.st
+	if st.ended.Load() {
+		reason = "ended by the server"
+		if st.slow.Load() {
+			reason = "too slow"
+		}
+		if st.expired.Load() {
+			reason = "token expired"
+			sc.out.write([]byte(": token expired\n\n"))
+		}
+		if why := st.sessionEnded.Load(); why != nil {
+			reason = "session ended: " + *why
+			sc.out.write(sessionEndedFrame(*why))
+		}
+		if st.shutdown.Load() {
+			reason = "server shutting down"
+			sc.out.write(shutdownRetry())
+		}
+		sc.out.flush()
+		return reason, true
+	}
+	// Take everything queued, then write once. The slice goes back to the queue
+	// emptied (the frames may go), unless a burst made it large.
+	evs := st.take()
+	for _, ev := range evs {
+		if err := sc.handle(ctx, ev); err != nil {
+			return err.Error(), true
+		}
+	}
+	clear(evs)
+	if cap(evs) <= 8 {
+		st.giveBack(evs)
+	}
+	if st.keepAliveDue.Swap(false) {
+		if sc.out.to.left() {
+			return "client left", true
+		}
+		sc.out.write([]byte(": keep-alive\n\n"))
+	}
+	if err := sc.out.flush(); err != nil {
+		return "write failed", true
+	}
+	return "", false
+}
+
+// finish releases what the stream held, once it is over.
+func (sc *streamConn) finish(reason string) {
+	if sc.expiry != nil {
+		sc.expiry.Stop()
+	}
+	sc.out.to.close()
+	sc.srv.hub.unregister(sc.st)
+	sc.srv.logger.Info("stream closed", "user", sc.st.userID, "last", sc.last, "reason", reason,
+		"duration", time.Since(sc.start).Round(time.Millisecond))
 }
 
 // replay writes from the log what a resuming client missed (if missed), while the

@@ -2,12 +2,14 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"net/http"
 	"regexp"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -623,4 +625,44 @@ func TestKeepAlivesSpread(t *testing.T) {
 	if spread := last.Sub(first); spread < keepAlive*3/4 {
 		t.Fatalf("first keep-alives spread over %v, want at least %v", spread, keepAlive*3/4)
 	}
+}
+
+// TestIdleStreamsParked checks that a live stream on a connection taken over has
+// no goroutine while it has nothing to write (streamConn.park), and that parked
+// streams still get every event. It counts the goroutines in streamConn's code,
+// so it runs alone: no other test's streams are open meanwhile.
+func TestIdleStreamsParked(t *testing.T) {
+	ts := newTestServer(t)
+	alice, bob := ts.newUser(t, "alice"), ts.newUser(t, "bob")
+	conv := alice.startConversation(bob)
+	const n = 20
+	streams := make([]*sseStream, n)
+	for i := range streams {
+		streams[i] = bob.stream("")
+	}
+	waitFor(t, eventWait, "the streams to open", func() bool { return metricValue(t, ts, "messenger_streams_open") == n })
+	waitFor(t, eventWait, "the idle streams to hold no goroutine", func() bool { return streamGoroutines() == 0 })
+	for round := range 3 {
+		sent := alice.send(conv.ID, fmt.Sprintf("to the parked streams, %d", round))
+		for i, s := range streams {
+			if _, m := s.nextMessage(eventWait); m.ID != sent.ID {
+				t.Fatalf("round %d, stream %d: got %s, want %s", round, i, m.ID, sent.ID)
+			}
+		}
+		waitFor(t, eventWait, "the streams to go idle again", func() bool { return streamGoroutines() == 0 })
+	}
+}
+
+// streamGoroutines counts the goroutines of this process that are in
+// streamConn's code.
+func streamGoroutines() int {
+	var b bytes.Buffer
+	pprof.Lookup("goroutine").WriteTo(&b, 2)
+	n := 0
+	for _, g := range strings.Split(b.String(), "\n\n") {
+		if strings.Contains(g, ".(*streamConn).") {
+			n++
+		}
+	}
+	return n
 }
