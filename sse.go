@@ -219,9 +219,20 @@ func (st *stream) signal() {
 	wake(st.ready)
 }
 
+// over reports whether the stream was ended. It reads done, not ended: endFor
+// records why the stream ended between the two.
+func (st *stream) over() bool {
+	select {
+	case <-st.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // pending reports whether the stream has something to do (see signal).
 func (st *stream) pending() bool {
-	if st.ended.Load() || st.keepAliveDue.Load() {
+	if st.over() || st.keepAliveDue.Load() {
 		return true
 	}
 	st.mu.Lock()
@@ -889,7 +900,7 @@ func (sc *streamConn) run() {
 // returns why the stream is over, if it is.
 func (sc *streamConn) step(ctx context.Context) (reason string, over bool) {
 	st := sc.st
-	if st.ended.Load() {
+	if st.over() {
 		reason = "ended by the server"
 		if st.slow.Load() {
 			reason = "too slow"
