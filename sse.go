@@ -185,7 +185,7 @@ type stream struct {
 	written atomic.Int64
 
 	// slot is the group of streams whose keep-alives are due together, and
-	// keepAliveDue is set, with ready signalled, when this stream's is due (see
+	// keepAliveDue is set, and the stream signalled, when its keep-alive is due (see
 	// keepAlives).
 	slot         uint8
 	keepAliveDue atomic.Bool
