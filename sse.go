@@ -154,7 +154,8 @@ type stream struct {
 	// How signal reaches the stream: a stream served by a goroutine of its own
 	// waits on ready; a parked stream (see streamConn.park), which has no
 	// goroutine while it has nothing to do, is run when signalled and not
-	// running already.
+	// running already, and has no ready (nil: signals before park are dropped,
+	// and park looks for itself).
 	ready   chan struct{}
 	parked  atomic.Pointer[streamConn]
 	running atomic.Bool
@@ -287,11 +288,12 @@ func (st *stream) holdBack(to int64) {
 }
 
 // register adds a stream for user's session, replaying (see stream) if it resumes
-// from a position. It is the one place that enforces the stream caps: it returns
+// from a position; waits says a goroutine of its own will wait on it (ready),
+// rather than the stream being parked (see streamConn.park). It is the one place that enforces the stream caps: it returns
 // h.errUserLimit (429) when user already holds STREAMS_PER_USER streams here,
 // errServerFull (503) when STREAMS_MAX are open, and errShuttingDown (503) once
 // the hub is closing.
-func (h *Hub) register(user, session int64, replaying bool) (*stream, error) {
+func (h *Hub) register(user, session int64, replaying, waits bool) (*stream, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	switch {
@@ -304,8 +306,10 @@ func (h *Hub) register(user, session int64, replaying bool) (*stream, error) {
 		h.metrics.streamsRefused.WithLabelValues("server_full").Inc()
 		return nil, errServerFull
 	}
-	st := &stream{userID: user, sessionID: session, ready: make(chan struct{}, 1), done: make(chan struct{}),
-		slot: h.nextSlot}
+	st := &stream{userID: user, sessionID: session, done: make(chan struct{}), slot: h.nextSlot}
+	if waits {
+		st.ready = make(chan struct{}, 1)
+	}
 	h.nextSlot = (h.nextSlot + 1) % keepAliveSlots
 	st.replaying.Store(replaying)
 	if h.streams[user] == nil && h.bus != nil {
@@ -708,7 +712,8 @@ func (s *server) handleStream() apiHandler {
 		if err != nil {
 			return err
 		}
-		st, err := s.hub.register(sess.userID, sess.sessionID, resuming)
+		hijack := r.ProtoMajor == 1 && s.cfg.hijackStreams
+		st, err := s.hub.register(sess.userID, sess.sessionID, resuming, !hijack)
 		if err != nil {
 			return err
 		}
@@ -752,7 +757,7 @@ func (s *server) handleStream() apiHandler {
 
 		sc := &streamConn{srv: s, st: st, expires: sess.expires}
 		sc.advance(last)
-		if r.ProtoMajor == 1 && s.cfg.hijackStreams {
+		if hijack {
 			conn, start, err := hijackStream(w, hello)
 			if err != nil {
 				return fmt.Errorf("stream: %w", err)
@@ -868,8 +873,9 @@ func (sc *streamConn) serve(ctx context.Context, replay bool) {
 
 // park hands the stream over to signal, which runs it (run) in a goroutine of its
 // own whenever it has something to do and is not running already; then the
-// calling goroutine returns. Until park, signals went to ready, which nobody reads
-// now: park runs the stream once itself, so nothing signalled before is missed.
+// calling goroutine returns. Until park, signals found no ready to wake (a parked
+// stream has none): park runs the stream once itself, so nothing signalled before
+// is missed.
 func (sc *streamConn) park(ctx context.Context) {
 	sc.ctx = ctx
 	sc.st.running.Store(true) // before parked: a signal from now on finds it running
