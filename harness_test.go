@@ -424,6 +424,21 @@ func (c *client) streamWithReady(lastEventID string) *sseStream {
 	return c.openStream(lastEventID, true)
 }
 
+// getStream sends GET /api/messages as c, with the token in the header, over
+// HTTP/1.1, and returns the response whatever its status, for a test that reads
+// the bytes themselves; the caller closes it.
+func (c *client) getStream(t testing.TB) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequest("GET", c.base+"/api/messages", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	req.Header.Set("Authorization", "Bearer "+c.Token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
 func (c *client) openStream(lastEventID string, keepReady bool) *sseStream {
 	c.t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())

@@ -51,13 +51,7 @@ func TestShutdownEndsStreamsWithRetry(t *testing.T) {
 	t.Parallel()
 	ts := newTestServer(t)
 	alice := ts.newUser(t, "alice")
-	req, _ := http.NewRequest("GET", ts.URL+"/api/messages", nil)
-	req.Header.Set("Accept", "text/event-stream")
-	req.Header.Set("Authorization", "Bearer "+alice.Token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := alice.getStream(t)
 	defer resp.Body.Close()
 	body := make(chan []byte, 1)
 	go func() {

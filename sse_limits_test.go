@@ -25,13 +25,7 @@ func labelledMetric(t *testing.T, ts *testServer, name string) float64 {
 // Retry-After and a JSON error.
 func (c *client) mustRefuseStream(t *testing.T, want int) {
 	t.Helper()
-	req, _ := http.NewRequest("GET", c.base+"/api/messages", nil)
-	req.Header.Set("Accept", "text/event-stream")
-	req.Header.Set("Authorization", "Bearer "+c.Token)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := c.getStream(t)
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusOK {
 		t.Fatalf("stream accepted, want %d", want)

@@ -590,13 +590,7 @@ func TestKeepAlivesSpread(t *testing.T) {
 	alice := ts.newUser(t, "alice")
 	firsts := make(chan time.Time, keepAliveSlots)
 	for range keepAliveSlots {
-		req, _ := http.NewRequest("GET", ts.URL+"/api/messages", nil)
-		req.Header.Set("Accept", "text/event-stream")
-		req.Header.Set("Authorization", "Bearer "+alice.Token)
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := alice.getStream(t)
 		t.Cleanup(func() { resp.Body.Close() })
 		go func() {
 			sc := bufio.NewScanner(resp.Body)
