@@ -1,0 +1,317 @@
+-- send_messages: a short path for a lone message (issue 15). An idle server's
+-- batches hold one message each, and for one message, starting the executor on
+-- the general statement of 00006 (some sixty plan nodes) cost PostgreSQL more than
+-- the work itself: 1.42 ms of CPU per call against 1.13 ms with seven small
+-- statements (pgbench at 500 calls a second, bench/send.sql; docs/performance.md).
+-- Any case but a created message (no such conversation, a key used before, users
+-- deleted meanwhile) leaves the short path having changed nothing and takes the
+-- general statement, unchanged.
+
+-- +goose Up
+-- +goose StatementBegin
+-- send_messages stores a batch of messages, each with one event for each participant,
+-- in one transaction: the server gathers concurrent sends into one call (a batch of
+-- one when it is idle), and the benchmark's pgbench script calls it with one message,
+-- the very transaction of a lone send. Element i of the arrays is one message; key ''
+-- means none. For each it returns a row: outcome is 'created', 'replayed' (the
+-- idempotency key was used before, for the same conversation and content: the first
+-- message is returned), 'key_conflict' (used before for something else) or
+-- 'not_found' (no such conversation, or the sender is not in it). Created rows carry
+-- the other participant and both events' sequence numbers, for the notification the
+-- server sends after the commit.
+--
+-- One statement does the whole batch (data-modifying CTEs over the arrays), run
+-- with a generic plan that PL/pgSQL keeps for the connection: no per-statement
+-- executor start-up and no planning per call. Only a message whose key was used
+-- before needs a second statement, whose fresh snapshot sees the first use.
+--
+-- A lone message that is created takes a shorter path: seven small statements.
+-- Starting the executor on that one statement's plan (some sixty nodes) costs
+-- more than the work a single message needs; with one message a call, the short
+-- path takes PostgreSQL 1.13 ms of CPU per call against 1.42 (pgbench at 500
+-- calls a second, bench/send.sql; docs/performance.md).
+--
+-- Lock order: every users row involved, by id (locked), and only then anything
+-- else. The ids and times of the messages are taken under those locks (the gate on
+-- locked in cand), so within a conversation they rise in commit order, and each
+-- user's events are numbered from the sequence as locked. An idempotency key
+-- belongs to its sender, whose row is locked first, so two sends never wait for
+-- each other's key.
+CREATE OR REPLACE FUNCTION send_messages(
+    p_conversations BIGINT[], p_senders BIGINT[], p_contents TEXT[], p_keys TEXT[])
+RETURNS TABLE (idx INT, outcome TEXT, message_id BIGINT, created_at TIMESTAMPTZ, content TEXT,
+               other_id BIGINT, sender_seq BIGINT, other_seq BIGINT)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    r        RECORD;
+    v_prev   idempotency_keys%ROWTYPE;
+    v_conv   BIGINT;
+    v_sender BIGINT;
+    v_other  BIGINT;
+    v_key    TEXT;
+    v_short  BOOLEAN := false;
+    v_sseq   BIGINT;
+    v_oseq   BIGINT;
+    v_id     BIGINT;
+    v_at     TIMESTAMPTZ;
+BEGIN
+    -- A lone message that is created (the batch of an idle server) takes a few
+    -- small statements, whose executor start-up costs PostgreSQL far less than the
+    -- general statement's. Any other case (no such conversation, a key used
+    -- before, users deleted meanwhile) leaves this path having changed nothing and
+    -- takes the general statement. The lock order is the same: both users rows,
+    -- lower id first, then the rest; the id and time are taken under the locks.
+    IF cardinality(p_conversations) = 1 AND p_keys[1] IS NOT NULL THEN
+        v_conv := p_conversations[1];
+        v_sender := p_senders[1];
+        v_key := p_keys[1];
+        SELECT CASE v_sender WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END
+          INTO v_other
+          FROM conversations c WHERE c.id = v_conv;
+        IF v_other IS NOT NULL THEN
+            SELECT count(*) = 2, max(l.event_seq) FILTER (WHERE l.id = v_sender),
+                   max(l.event_seq) FILTER (WHERE l.id = v_other)
+              INTO v_short, v_sseq, v_oseq
+              FROM (SELECT u.id, u.event_seq FROM users u WHERE u.id IN (v_sender, v_other)
+                     ORDER BY u.id FOR NO KEY UPDATE) l;
+        END IF;
+        -- The key belongs to the sender, whose row is now locked: a claim that
+        -- committed before is visible to this statement, and none is under way.
+        IF v_short AND v_key <> '' THEN
+            PERFORM 1 FROM idempotency_keys k WHERE k.user_id = v_sender AND k.key = v_key;
+            v_short := NOT FOUND;
+        END IF;
+        IF v_short THEN
+            v_id := nextval('messages_id_seq'::regclass);
+            v_at := clock_timestamp();
+            INSERT INTO messages (id, conversation_id, user_id, content, created_at)
+            VALUES (v_id, v_conv, v_sender, p_contents[1], v_at);
+            IF v_key <> '' THEN
+                INSERT INTO idempotency_keys (user_id, key, conversation_id, content, message_id)
+                VALUES (v_sender, v_key, v_conv, p_contents[1], v_id)
+                ON CONFLICT DO NOTHING;
+                IF NOT FOUND THEN
+                    -- Claimed meanwhile, by a writer that did not lock the sender.
+                    DELETE FROM messages m WHERE m.id = v_id;
+                    v_short := false;
+                END IF;
+            END IF;
+        END IF;
+        IF v_short THEN
+            UPDATE users u SET event_seq = u.event_seq + 1 WHERE u.id IN (v_sender, v_other);
+            INSERT INTO events (user_id, seq, kind, message_id)
+            VALUES (v_sender, v_sseq + 1, 'message', v_id), (v_other, v_oseq + 1, 'message', v_id);
+            UPDATE participants p
+               SET last_activity_at = v_at, last_message_id = v_id,
+                   unread_count = p.unread_count + (p.user_id = v_other)::int
+             WHERE p.conversation_id = v_conv AND p.user_id IN (v_sender, v_other);
+            idx := 1; outcome := 'created'; message_id := v_id; created_at := v_at;
+            content := p_contents[1]; other_id := v_other; sender_seq := v_sseq + 1; other_seq := v_oseq + 1;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+    END IF;
+    FOR r IN
+        WITH req AS (
+            SELECT t.i::int AS i, t.conv, t.s, t.body, t.k,
+                   CASE t.s WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END AS other
+              FROM unnest(p_conversations, p_senders, p_contents, p_keys) WITH ORDINALITY AS t(conv, s, body, k, i)
+              LEFT JOIN conversations c ON c.id = t.conv
+        ), locked AS (
+            SELECT u.id, u.event_seq FROM users u
+             WHERE u.id IN (SELECT q.s FROM req q WHERE q.other IS NOT NULL
+                            UNION SELECT q.other FROM req q WHERE q.other IS NOT NULL)
+             ORDER BY u.id FOR NO KEY UPDATE
+        ), cand AS (
+            SELECT q.i, q.conv, q.s, q.other, q.body, q.k,
+                   nextval('messages_id_seq'::regclass) AS id, clock_timestamp() AS at
+              FROM req q
+             WHERE q.other IS NOT NULL AND (SELECT count(*) FROM locked) > 0
+             ORDER BY q.i
+        ), claimed AS (
+            INSERT INTO idempotency_keys AS k (user_id, key, conversation_id, content, message_id)
+            SELECT c.s, c.k, c.conv, c.body, c.id FROM cand c WHERE c.k <> '' ORDER BY c.s, c.k, c.i
+            ON CONFLICT DO NOTHING
+            RETURNING k.message_id
+        ), created AS (
+            SELECT c.* FROM cand c
+             WHERE c.k = '' OR c.id IN (SELECT m.message_id FROM claimed m)
+        ), ev AS (
+            SELECT x.u, x.id, l.event_seq + row_number() OVER (PARTITION BY x.u ORDER BY x.i) AS seq
+              FROM (SELECT c.s AS u, c.i, c.id FROM created c
+                    UNION ALL SELECT c.other, c.i, c.id FROM created c) x
+              JOIN locked l ON l.id = x.u
+        ), ins_messages AS (
+            INSERT INTO messages (id, conversation_id, user_id, content, created_at)
+            SELECT c.id, c.conv, c.s, c.body, c.at FROM created c
+        ), ins_events AS (
+            INSERT INTO events (user_id, seq, kind, message_id)
+            SELECT e.u, e.seq, 'message', e.id FROM ev e
+        ), upd_users AS (
+            UPDATE users u SET event_seq = m.seq
+              FROM (SELECT e.u, max(e.seq) AS seq FROM ev e GROUP BY e.u) m
+             WHERE u.id = m.u
+        ), upd_participants AS (
+            UPDATE participants p
+               SET last_activity_at = x.at, last_message_id = x.id, unread_count = p.unread_count + x.unread
+              FROM (SELECT y.uid, y.conv, max(y.id) AS id, max(y.at) AS at, sum(y.unread)::int AS unread
+                      FROM (SELECT c.s AS uid, c.conv, c.id, c.at, 0 AS unread FROM created c
+                            UNION ALL
+                            SELECT c.other, c.conv, c.id, c.at, 1 FROM created c) y
+                     GROUP BY y.uid, y.conv) x
+             WHERE p.user_id = x.uid AND p.conversation_id = x.conv
+        )
+        SELECT c.i, 'created'::text AS outcome, c.id, c.at, c.body, c.other,
+               (SELECT e.seq FROM ev e WHERE e.u = c.s AND e.id = c.id) AS sseq,
+               (SELECT e.seq FROM ev e WHERE e.u = c.other AND e.id = c.id) AS oseq
+          FROM created c
+        UNION ALL
+        -- Not created: no such conversation or participant; a key used before;
+        -- or (without a key) the users rows were deleted meanwhile.
+        SELECT q.i, CASE WHEN q.other IS NULL OR q.k = '' THEN 'not_found' ELSE 'duplicate' END,
+               NULL, NULL, NULL, NULL, NULL, NULL
+          FROM req q
+         WHERE q.other IS NULL OR NOT EXISTS (SELECT 1 FROM created c WHERE c.i = q.i)
+    LOOP
+        IF r.outcome = 'duplicate' THEN
+            -- The key was claimed before (its row is visible now, to this new statement).
+            SELECT * INTO v_prev FROM idempotency_keys k
+             WHERE k.user_id = p_senders[r.i] AND k.key = p_keys[r.i];
+            IF NOT FOUND THEN
+                r.outcome := 'not_found'; -- the users rows were deleted meanwhile
+            ELSIF v_prev.message_id IS NULL OR v_prev.conversation_id <> p_conversations[r.i]
+               OR v_prev.content <> p_contents[r.i] THEN
+                r.outcome := 'key_conflict';
+            ELSE
+                r.outcome := 'replayed';
+                SELECT m.id, m.created_at, m.content INTO r.id, r.at, r.body
+                  FROM messages m WHERE m.id = v_prev.message_id;
+            END IF;
+        END IF;
+        idx := r.i; outcome := r.outcome; message_id := r.id; created_at := r.at; content := r.body;
+        other_id := r.other; sender_seq := r.sseq; other_seq := r.oseq;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+-- +goose StatementEnd
+
+-- +goose Down
+-- +goose StatementBegin
+-- send_messages stores a batch of messages, each with one event for each participant,
+-- in one transaction: the server gathers concurrent sends into one call (a batch of
+-- one when it is idle), and the benchmark's pgbench script calls it with one message,
+-- the very transaction of a lone send. Element i of the arrays is one message; key ''
+-- means none. For each it returns a row: outcome is 'created', 'replayed' (the
+-- idempotency key was used before, for the same conversation and content: the first
+-- message is returned), 'key_conflict' (used before for something else) or
+-- 'not_found' (no such conversation, or the sender is not in it). Created rows carry
+-- the other participant and both events' sequence numbers, for the notification the
+-- server sends after the commit.
+--
+-- One statement does the whole batch (data-modifying CTEs over the arrays), run
+-- with a generic plan that PL/pgSQL keeps for the connection: no per-statement
+-- executor start-up and no planning per call. Only a message whose key was used
+-- before needs a second statement, whose fresh snapshot sees the first use.
+--
+-- Lock order: every users row involved, by id (locked), and only then anything
+-- else. The ids and times of the messages are taken under those locks (the gate on
+-- locked in cand), so within a conversation they rise in commit order, and each
+-- user's events are numbered from the sequence as locked. An idempotency key
+-- belongs to its sender, whose row is locked first, so two sends never wait for
+-- each other's key.
+CREATE OR REPLACE FUNCTION send_messages(
+    p_conversations BIGINT[], p_senders BIGINT[], p_contents TEXT[], p_keys TEXT[])
+RETURNS TABLE (idx INT, outcome TEXT, message_id BIGINT, created_at TIMESTAMPTZ, content TEXT,
+               other_id BIGINT, sender_seq BIGINT, other_seq BIGINT)
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+#variable_conflict use_column
+DECLARE
+    r      RECORD;
+    v_prev idempotency_keys%ROWTYPE;
+BEGIN
+    FOR r IN
+        WITH req AS (
+            SELECT t.i::int AS i, t.conv, t.s, t.body, t.k,
+                   CASE t.s WHEN c.user_low THEN c.user_high WHEN c.user_high THEN c.user_low END AS other
+              FROM unnest(p_conversations, p_senders, p_contents, p_keys) WITH ORDINALITY AS t(conv, s, body, k, i)
+              LEFT JOIN conversations c ON c.id = t.conv
+        ), locked AS (
+            SELECT u.id, u.event_seq FROM users u
+             WHERE u.id IN (SELECT q.s FROM req q WHERE q.other IS NOT NULL
+                            UNION SELECT q.other FROM req q WHERE q.other IS NOT NULL)
+             ORDER BY u.id FOR NO KEY UPDATE
+        ), cand AS (
+            SELECT q.i, q.conv, q.s, q.other, q.body, q.k,
+                   nextval('messages_id_seq'::regclass) AS id, clock_timestamp() AS at
+              FROM req q
+             WHERE q.other IS NOT NULL AND (SELECT count(*) FROM locked) > 0
+             ORDER BY q.i
+        ), claimed AS (
+            INSERT INTO idempotency_keys AS k (user_id, key, conversation_id, content, message_id)
+            SELECT c.s, c.k, c.conv, c.body, c.id FROM cand c WHERE c.k <> '' ORDER BY c.s, c.k, c.i
+            ON CONFLICT DO NOTHING
+            RETURNING k.message_id
+        ), created AS (
+            SELECT c.* FROM cand c
+             WHERE c.k = '' OR c.id IN (SELECT m.message_id FROM claimed m)
+        ), ev AS (
+            SELECT x.u, x.id, l.event_seq + row_number() OVER (PARTITION BY x.u ORDER BY x.i) AS seq
+              FROM (SELECT c.s AS u, c.i, c.id FROM created c
+                    UNION ALL SELECT c.other, c.i, c.id FROM created c) x
+              JOIN locked l ON l.id = x.u
+        ), ins_messages AS (
+            INSERT INTO messages (id, conversation_id, user_id, content, created_at)
+            SELECT c.id, c.conv, c.s, c.body, c.at FROM created c
+        ), ins_events AS (
+            INSERT INTO events (user_id, seq, kind, message_id)
+            SELECT e.u, e.seq, 'message', e.id FROM ev e
+        ), upd_users AS (
+            UPDATE users u SET event_seq = m.seq
+              FROM (SELECT e.u, max(e.seq) AS seq FROM ev e GROUP BY e.u) m
+             WHERE u.id = m.u
+        ), upd_participants AS (
+            UPDATE participants p
+               SET last_activity_at = x.at, last_message_id = x.id, unread_count = p.unread_count + x.unread
+              FROM (SELECT y.uid, y.conv, max(y.id) AS id, max(y.at) AS at, sum(y.unread)::int AS unread
+                      FROM (SELECT c.s AS uid, c.conv, c.id, c.at, 0 AS unread FROM created c
+                            UNION ALL
+                            SELECT c.other, c.conv, c.id, c.at, 1 FROM created c) y
+                     GROUP BY y.uid, y.conv) x
+             WHERE p.user_id = x.uid AND p.conversation_id = x.conv
+        )
+        SELECT c.i, 'created'::text AS outcome, c.id, c.at, c.body, c.other,
+               (SELECT e.seq FROM ev e WHERE e.u = c.s AND e.id = c.id) AS sseq,
+               (SELECT e.seq FROM ev e WHERE e.u = c.other AND e.id = c.id) AS oseq
+          FROM created c
+        UNION ALL
+        -- Not created: no such conversation or participant; a key used before;
+        -- or (without a key) the users rows were deleted meanwhile.
+        SELECT q.i, CASE WHEN q.other IS NULL OR q.k = '' THEN 'not_found' ELSE 'duplicate' END,
+               NULL, NULL, NULL, NULL, NULL, NULL
+          FROM req q
+         WHERE q.other IS NULL OR NOT EXISTS (SELECT 1 FROM created c WHERE c.i = q.i)
+    LOOP
+        IF r.outcome = 'duplicate' THEN
+            -- The key was claimed before (its row is visible now, to this new statement).
+            SELECT * INTO v_prev FROM idempotency_keys k
+             WHERE k.user_id = p_senders[r.i] AND k.key = p_keys[r.i];
+            IF NOT FOUND THEN
+                r.outcome := 'not_found'; -- the users rows were deleted meanwhile
+            ELSIF v_prev.message_id IS NULL OR v_prev.conversation_id <> p_conversations[r.i]
+               OR v_prev.content <> p_contents[r.i] THEN
+                r.outcome := 'key_conflict';
+            ELSE
+                r.outcome := 'replayed';
+                SELECT m.id, m.created_at, m.content INTO r.id, r.at, r.body
+                  FROM messages m WHERE m.id = v_prev.message_id;
+            END IF;
+        END IF;
+        idx := r.i; outcome := r.outcome; message_id := r.id; created_at := r.at; content := r.body;
+        other_id := r.other; sender_seq := r.sseq; other_seq := r.oseq;
+        RETURN NEXT;
+    END LOOP;
+END;
+$$;
+-- +goose StatementEnd

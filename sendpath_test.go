@@ -1,0 +1,138 @@
+package main
+
+import (
+	"fmt"
+	"reflect"
+	"testing"
+
+	"github.com/lib/pq"
+)
+
+// TestLoneSendMatchesBatch runs the same sends through send_messages twice, on two
+// pairs of users: once one message a call (the short path of a lone message), and
+// once each message in a batch with a message for no conversation (the general
+// statement). The outcomes, and what each pair's rows look like afterwards, must
+// be the same.
+func TestLoneSendMatchesBatch(t *testing.T) {
+	t.Parallel()
+	_, db := openPrivateDatabase(t)
+	mustMigrate(t, db)
+	mustExec(t, db, `INSERT INTO users (id, username) VALUES (1, 'a1'), (2, 'b1'), (3, 'a2'), (4, 'b2'), (5, 'c')`)
+	mustExec(t, db, `INSERT INTO conversations (id, user_low, user_high) VALUES (10, 1, 2), (20, 3, 4), (30, 1, 5), (40, 3, 5)`)
+	mustExec(t, db, `INSERT INTO participants (user_id, conversation_id, last_activity_at)
+		SELECT u, c.id, now() FROM conversations c, LATERAL (VALUES (c.user_low), (c.user_high)) AS p(u)`)
+
+	type send struct {
+		sender, other int // 0: the outsider, user 5
+		conv          int // 0: the pair's conversation; -1: none such
+		content, key  string
+	}
+	sends := []send{
+		{sender: 1, content: "hello"},
+		{sender: 2, content: "hi", key: "k1"},
+		{sender: 2, content: "hi", key: "k1"},       // replayed
+		{sender: 2, content: "hi again", key: "k1"}, // key_conflict
+		{sender: 1, content: "same key, other sender", key: "k1"},
+		{sender: 1, conv: -1, content: "nowhere"},        // not_found
+		{sender: 0, content: "not a participant"},        // not_found
+		{sender: 1, content: "to the outsider", conv: 1}, // the pair's first user and user 5
+		{sender: 2, content: "last", key: "k2"},
+	}
+	// run sends each message of a pair (base 0: users 1, 2, conversation 10; base
+	// 2: users 3, 4, conversation 20) and returns the outcomes.
+	run := func(base int, batch bool) []string {
+		var outcomes []string
+		for _, s := range sends {
+			sender, conv := int64(s.sender+base), int64(10*(base/2+1))
+			switch {
+			case s.sender == 0:
+				sender = 5
+			case s.conv == -1:
+				conv = 99
+			case s.conv == 1:
+				conv += 20
+			}
+			convs, senders, contents, keys := []int64{conv}, []int64{sender}, []string{s.content}, []string{s.key}
+			if batch {
+				convs, senders = append(convs, 99), append(senders, sender)
+				contents, keys = append(contents, "filler"), append(keys, "")
+			}
+			rows, err := db.Query(`SELECT idx, outcome FROM send_messages($1, $2, $3, $4) ORDER BY idx`,
+				pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys))
+			if err != nil {
+				t.Fatalf("send %+v: %v", s, err)
+			}
+			for rows.Next() {
+				var idx int
+				var outcome string
+				if err := rows.Scan(&idx, &outcome); err != nil {
+					t.Fatal(err)
+				}
+				if idx == 1 {
+					outcomes = append(outcomes, outcome)
+				} else if outcome != "not_found" {
+					t.Errorf("the filler: %s", outcome)
+				}
+			}
+			if err := rows.Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return outcomes
+	}
+	// state describes a pair's rows, by position instead of by id.
+	state := func(first int) []string {
+		var lines []string
+		rows, err := db.Query(`
+			SELECT format('user %s: event_seq %s, events %s', u.id - $1, u.event_seq,
+			              (SELECT string_agg(format('%s:%s', e.seq, m.content), ' ' ORDER BY e.seq)
+			                 FROM events e JOIN messages m ON m.id = e.message_id WHERE e.user_id = u.id))
+			  FROM users u WHERE u.id IN ($1, $1 + 1)
+			UNION ALL
+			SELECT format('participant %s in %s: unread %s, last %s', p.user_id - $1,
+			              CASE WHEN p.conversation_id IN (10, 20) THEN 'pair' ELSE 'outsider' END,
+			              p.unread_count, m.content)
+			  FROM participants p LEFT JOIN messages m ON m.id = p.last_message_id
+			 WHERE p.user_id IN ($1, $1 + 1)
+			UNION ALL
+			SELECT format('key %s of %s: %s', k.key, k.user_id - $1, m.content)
+			  FROM idempotency_keys k JOIN messages m ON m.id = k.message_id WHERE k.user_id IN ($1, $1 + 1)
+			ORDER BY 1`, first)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		for rows.Next() {
+			var l string
+			if err := rows.Scan(&l); err != nil {
+				t.Fatal(err)
+			}
+			lines = append(lines, l)
+		}
+		return lines
+	}
+
+	lone, batched := run(0, false), run(2, true)
+	want := []string{"created", "created", "replayed", "key_conflict", "created", "not_found", "not_found", "created", "created"}
+	if !reflect.DeepEqual(lone, want) {
+		t.Errorf("one message a call: outcomes %v, want %v", lone, want)
+	}
+	if !reflect.DeepEqual(batched, want) {
+		t.Errorf("in a batch: outcomes %v, want %v", batched, want)
+	}
+	a, b := state(1), state(3)
+	if !reflect.DeepEqual(a, b) {
+		t.Errorf("the rows differ:\none message a call:\n%s\nin a batch:\n%s", lines(a), lines(b))
+	}
+	if len(a) < 8 {
+		t.Errorf("the rows the test looked at:\n%s", lines(a))
+	}
+}
+
+func lines(ls []string) string {
+	var s string
+	for _, l := range ls {
+		s += fmt.Sprintf("  %s\n", l)
+	}
+	return s
+}
