@@ -78,7 +78,8 @@ type config struct {
 	eventRetention time.Duration // age past which events leave the log
 	pruneInterval  time.Duration // how often the log is pruned
 
-	dbMaxConns int
+	dbMaxConns        int
+	dbConnMaxLifetime time.Duration // after this, a database connection is replaced
 
 	connMax        int           // open client connections, all addresses together
 	connMaxPerAddr int           // open client connections from one address; 0: no cap
@@ -184,6 +185,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return cfg, err
 	}
 	if cfg.dbMaxConns, err = parseInt(getenv, "DB_MAX_CONNS", 20); err != nil {
+		return cfg, err
+	}
+	if cfg.dbConnMaxLifetime, err = parseDuration(getenv, "DB_CONN_MAX_LIFETIME", 5*time.Minute); err != nil {
 		return cfg, err
 	}
 	if cfg.http2MaxStreams, err = parseInt(getenv, "HTTP2_MAX_STREAMS", 100); err != nil {
@@ -410,7 +414,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		s.presence.always = cfg.notifyAlways
 		s.notifier.peers = s.presence
 	}
-	s.sends = newSendBatcher(db, s.notifier, cfg.listenURL == cfg.databaseURL)
+	s.sends = newSendBatcher(db, s.notifier, cfg.listenURL == cfg.databaseURL, cfg.dbConnMaxLifetime)
 	sessions := newSessionWatcher(s.hub, s.sessionCache, db, cfg.sessionCheckInterval, logger)
 	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions, s.presence, m, logger); err != nil {
 		s.presence.close()
@@ -629,6 +633,11 @@ func openDB(ctx context.Context, cfg config, logger *slog.Logger) (*sql.DB, erro
 	db.SetMaxOpenConns(cfg.dbMaxConns)
 	db.SetMaxIdleConns(cfg.dbMaxConns)
 	db.SetConnMaxIdleTime(5 * time.Minute)
+	// A session keeps the plans it made (PL/pgSQL's, the send workers' prepared
+	// statement) until a table's statistics change. Plans made on a new, empty
+	// database are scans; where autovacuum is off they would last as long as the
+	// connection, so no connection lasts longer than this.
+	db.SetConnMaxLifetime(cfg.dbConnMaxLifetime)
 	if err := migrate(ctx, db, logger); err != nil {
 		db.Close()
 		return nil, err

@@ -171,7 +171,8 @@ type sendBatcher struct {
 	db       *sql.DB
 	notifier *notifier
 	queues   [sendWorkers]chan *sendRequest
-	prepare  bool // prepare the statement on each worker's connection
+	prepare  bool          // prepare the statement on each worker's connection
+	maxAge   time.Duration // a worker's connection is replaced once this old (DB_CONN_MAX_LIFETIME)
 }
 
 // sendQuery is the whole send transaction.
@@ -184,8 +185,8 @@ const (
 	sendWorkers  = 2
 )
 
-func newSendBatcher(db *sql.DB, nf *notifier, prepare bool) *sendBatcher {
-	b := &sendBatcher{db: db, notifier: nf, prepare: prepare}
+func newSendBatcher(db *sql.DB, nf *notifier, prepare bool, maxAge time.Duration) *sendBatcher {
+	b := &sendBatcher{db: db, notifier: nf, prepare: prepare, maxAge: maxAge}
 	for i := range b.queues {
 		b.queues[i] = make(chan *sendRequest, maxSendBatch)
 	}
@@ -193,9 +194,12 @@ func newSendBatcher(db *sql.DB, nf *notifier, prepare bool) *sendBatcher {
 }
 
 // sendConn is a send worker's own connection, and the statement prepared on it.
+// A *sql.Conn is out of the pool, where DB_CONN_MAX_LIFETIME would not reach it,
+// so the worker replaces it itself once it is that old.
 type sendConn struct {
-	conn *sql.Conn
-	stmt *sql.Stmt // nil: not prepared
+	conn   *sql.Conn
+	stmt   *sql.Stmt // nil: not prepared
+	opened time.Time
 }
 
 func (sc *sendConn) close() {
@@ -299,7 +303,11 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 			sc.close()
 		}
 	}()
+	if sc.conn != nil && time.Since(sc.opened) > b.maxAge {
+		sc.close()
+	}
 	if sc.conn == nil {
+		sc.opened = time.Now()
 		if sc.conn, err = b.db.Conn(ctx); err != nil {
 			return nil, fmt.Errorf("send connection: %w", err)
 		}

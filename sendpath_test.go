@@ -2,8 +2,11 @@ package main
 
 import (
 	"fmt"
+	"net/url"
+	"os"
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/lib/pq"
 )
@@ -135,4 +138,49 @@ func lines(ls []string) string {
 		s += fmt.Sprintf("  %s\n", l)
 	}
 	return s
+}
+
+// TestSendConnectionRenewed checks that a send worker replaces its connection once
+// it is DB_CONN_MAX_LIFETIME old: the connection is out of the pool, where the
+// pool's own limit would not reach it, and it keeps the plans made when it opened.
+func TestSendConnectionRenewed(t *testing.T) {
+	t.Parallel()
+	if os.Getenv(pgBouncerEnv) != "" {
+		t.Skip("behind PgBouncer, pg_stat_activity shows PgBouncer's connections")
+	}
+	u, err := url.Parse(testDatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := uniqueName("renew")
+	q := u.Query()
+	q.Set("application_name", app)
+	u.RawQuery = q.Encode()
+	ts := newTestServer(t, "DATABASE_URL="+u.String(), "DB_CONN_MAX_LIFETIME=300ms")
+	ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
+	conv := ann.startConversation(bob)
+
+	// sender returns the backend that ran the last send_messages for this server.
+	sender := func() (pid int) {
+		err := ts.DB.QueryRow(`SELECT pid FROM pg_stat_activity
+			WHERE application_name = $1 AND query LIKE '%send_messages%' AND query NOT LIKE '%pg_stat_activity%'
+			ORDER BY query_start DESC LIMIT 1`, app).Scan(&pid)
+		if err != nil {
+			t.Fatalf("the backend that sent: %v", err)
+		}
+		return pid
+	}
+	ann.send(conv.ID, "first")
+	first := sender()
+	waitFor(t, 10*time.Second, "a send on another connection", func() bool {
+		ann.send(conv.ID, "again")
+		return sender() != first
+	})
+	waitFor(t, 10*time.Second, "the first connection to close", func() bool {
+		var n int
+		if err := ts.DB.QueryRow(`SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, first).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n == 0
+	})
 }
