@@ -32,11 +32,11 @@ go tool pprof -top -cum -nodecount=100000 "$bin" "$prof" 2>/dev/null | awk -v ra
       "request metrics|^main\\.\\(\\*metrics\\)\\.observeRequest$|" \
       "request log line|^log/slog\\.\\(\\*Logger\\)\\.log$|" \
       "send worker: send_messages round trip, client side (lib/pq)|^main\\.\\(\\*sendBatcher\\)\\.store$|" \
-      "NOTIFY: encode and queue each notification|^main\\.\\(\\*notifier\\)\\.enqueue$|" \
+      "local delivery, and NOTIFY queued if another instance listens (notifier.enqueue)|^main\\.\\(\\*notifier\\)\\.enqueue$|" \
       "NOTIFY: the round trip|^main\\.\\(\\*notifier\\)\\.flush$|" \
       "LISTEN: read notifications back (lib/pq)|^github\\.com/lib/pq\\.\\(\\*ListenerConn\\)\\.listenerConnLoop$|" \
       "hub: decode the payload and fan out|^main\\.\\(\\*Hub\\)\\.dispatch$|" \
-      "streams: encode, write and flush frames|^main\\.\\(\\*streamConn\\)\\.serve$|" \
+      "streams: write and flush frames (streamConn.step, parked streams or not)|^main\\.\\(\\*streamConn\\)\\.step$|" \
       "garbage collection (background marking)|^runtime\\.gcBgMarkWorker$|" \
       "scheduler (finding work, netpoll)|^runtime\\.findRunnable$|" \
       "system calls, all (read, write, futex, epoll)|^internal/runtime/syscall/linux\\.Syscall6$", a, "|")
