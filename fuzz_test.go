@@ -357,25 +357,39 @@ func FuzzHTTP(f *testing.F) {
 	})
 }
 
-// FuzzMessageJSON checks that a Message's own MarshalJSON, which respond and
-// messageFrame call directly, writes exactly what json.Marshal would (which runs
-// it and then compacts and HTML-escapes its output), for any content.
+// messageShape is Message as the API shows it, as a plain struct: what
+// encoding/json writes for it is the oracle appendMessageJSON must match.
+type messageShape struct {
+	ID             int64  `json:"id,string"`
+	Content        string `json:"content"`
+	ConversationID int64  `json:"conversationId,string"`
+	CreatedAt      string `json:"createdAt"`
+	Mine           bool   `json:"mine"`
+}
+
+// FuzzMessageJSON checks that appendMessageJSON, which writes the 201 and the
+// streams' frames, and Message's MarshalJSON (lists of messages) write exactly
+// what encoding/json writes for the API's shape, for any content and time.
 func FuzzMessageJSON(f *testing.F) {
 	f.Add("hello", int64(1))
 	f.Add("<script>&\u2028\u2029\"\\\n\t</script>", int64(1<<62))
 	f.Add("\xff invalid UTF-8 \xc3", int64(7))
+	f.Add("\x00\x01\b\f\r\x1f\x7f \u00e9\U0001F600 \xed\xa0\x80", int64(-5))
 	f.Fuzz(func(t *testing.T, content string, id int64) {
 		m := Message{ID: id, Content: content, ConversationID: id / 2, CreatedAt: time.UnixMicro(id % (1 << 50)), Mine: id%2 == 0}
-		direct, err := m.MarshalJSON()
+		want, err := json.Marshal(messageShape{m.ID, m.Content, m.ConversationID, m.CreatedAt.UTC().Format(timeLayout), m.Mine})
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, err := json.Marshal(m)
+		if got := appendMessageJSON([]byte("x"), m); !bytes.Equal(got[1:], want) || got[0] != 'x' {
+			t.Fatalf("appendMessageJSON = %s, encoding/json = %s", got, want)
+		}
+		inList, err := json.Marshal([]Message{m})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !bytes.Equal(direct, want) {
-			t.Fatalf("MarshalJSON = %s, json.Marshal = %s", direct, want)
+		if !bytes.Equal(inList, append(append([]byte("["), want...), ']')) {
+			t.Fatalf("json.Marshal([]Message) = %s, want [%s]", inList, want)
 		}
 	})
 }

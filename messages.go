@@ -26,21 +26,85 @@ type Message struct {
 	Mine           bool      `json:"mine"`
 }
 
-// messageJSON is Message as the API shows it: createdAt in UTC with milliseconds.
-type messageJSON struct {
-	ID             int64  `json:"id,string"`
-	Content        string `json:"content"`
-	ConversationID int64  `json:"conversationId,string"`
-	CreatedAt      string `json:"createdAt"`
-	Mine           bool   `json:"mine"`
-}
-
 // timeLayout is how the API writes times: RFC 3339 in UTC with milliseconds.
 const timeLayout = "2006-01-02T15:04:05.000Z07:00"
 
-// MarshalJSON writes m in the API's shape.
+// MarshalJSON writes m in the API's shape (see appendMessageJSON).
 func (m Message) MarshalJSON() ([]byte, error) {
-	return json.Marshal(messageJSON{m.ID, m.Content, m.ConversationID, m.CreatedAt.UTC().Format(timeLayout), m.Mine})
+	return appendMessageJSON(make([]byte, 0, 128+len(m.Content)), m), nil
+}
+
+// appendMessageJSON appends m in the API's shape: ids as strings, createdAt in UTC
+// with milliseconds. It writes byte for byte what encoding/json writes for that
+// shape as a struct (FuzzMessageJSON holds it to this), without reflection: a send
+// encodes its message twice, for the 201 and for the streams' frame, and
+// json.Marshal took 16 to 18 µs of CPU for each at 500 msg/s.
+func appendMessageJSON(b []byte, m Message) []byte {
+	b = append(b, `{"id":"`...)
+	b = strconv.AppendInt(b, m.ID, 10)
+	b = append(b, `","content":`...)
+	b = appendJSONString(b, m.Content)
+	b = append(b, `,"conversationId":"`...)
+	b = strconv.AppendInt(b, m.ConversationID, 10)
+	b = append(b, `","createdAt":"`...)
+	b = m.CreatedAt.UTC().AppendFormat(b, timeLayout)
+	b = append(b, `","mine":`...)
+	b = strconv.AppendBool(b, m.Mine)
+	return append(b, '}')
+}
+
+// appendJSONString appends s as a JSON string, escaped as encoding/json escapes
+// it: quote, backslash and control characters; <, > and & (for HTML); U+2028
+// and U+2029 (for JavaScript); and each byte of invalid UTF-8 as U+FFFD.
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				b = append(b, '\\', c)
+			case '\b':
+				b = append(b, '\\', 'b')
+			case '\f':
+				b = append(b, '\\', 'f')
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+		case r == '\u2028' || r == '\u2029':
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hex[r&0xf])
+		default:
+			i += size
+			continue
+		}
+		i += size
+		start = i
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
 }
 
 const (

@@ -543,8 +543,7 @@ func (h *Hub) syncUsers(ctx context.Context, users []int64) error {
 // messageFrame encodes a message event: the default event type, so that
 // EventSource.onmessage receives it.
 func messageFrame(seq int64, m Message) []byte {
-	data, _ := m.MarshalJSON() // a Message always encodes; see respond for why not json.Marshal
-	return namedFrame(seq, "", data)
+	return namedFrame(seq, "", appendMessageJSON(make([]byte, 0, 128+len(m.Content)), m))
 }
 
 // namedFrame encodes one SSE frame; seq 0 leaves out the id (fleeting events) and
