@@ -636,7 +636,8 @@ func openDB(ctx context.Context, cfg config, logger *slog.Logger) (*sql.DB, erro
 	// A session keeps the plans it made (PL/pgSQL's, the send workers' prepared
 	// statement) until a table's statistics change. Plans made on a new, empty
 	// database are scans; where autovacuum is off they would last as long as the
-	// connection, so no connection lasts longer than this.
+	// connection, so no connection lasts much longer than this (the send workers'
+	// own: sendBatcher.renew).
 	db.SetConnMaxLifetime(cfg.dbConnMaxLifetime)
 	if err := migrate(ctx, db, logger); err != nil {
 		db.Close()

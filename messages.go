@@ -259,12 +259,16 @@ func newSendBatcher(db *sql.DB, nf *notifier, prepare bool, maxAge time.Duration
 
 // sendConn is a send worker's own connection, and the statement prepared on it.
 // A *sql.Conn is out of the pool, where DB_CONN_MAX_LIFETIME would not reach it,
-// so the worker replaces it itself once it is that old.
+// so the worker replaces it itself (see renew).
 type sendConn struct {
-	conn   *sql.Conn
-	stmt   *sql.Stmt // nil: not prepared
-	opened time.Time
+	conn    *sql.Conn
+	stmt    *sql.Stmt // nil: not prepared
+	renewAt time.Time // when to replace conn with a fresh one
 }
+
+// renewRetry is how long a worker keeps its connection after a failed renewal
+// before it tries again.
+const renewRetry = 10 * time.Second
 
 func (sc *sendConn) close() {
 	if sc.stmt != nil {
@@ -303,6 +307,7 @@ func (b *sendBatcher) run(ctx context.Context) {
 					}
 				}
 				b.execute(&sc, batch)
+				b.renew(&sc)
 			}
 		})
 	}
@@ -326,6 +331,47 @@ func (b *sendBatcher) send(ctx context.Context, conversation, sender int64, cont
 	case <-ctx.Done():
 		return Message{}, "", fmt.Errorf("wait for send: %w", ctx.Err())
 	}
+}
+
+// connect gives sc a connection of its own from the pool, with the send statement
+// prepared on it when b.prepare.
+func (b *sendBatcher) connect(ctx context.Context, sc *sendConn) (err error) {
+	if sc.conn, err = b.db.Conn(ctx); err != nil {
+		return fmt.Errorf("send connection: %w", err)
+	}
+	if b.prepare {
+		if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err != nil {
+			sc.close()
+			return fmt.Errorf("prepare send: %w", err)
+		}
+	}
+	sc.renewAt = time.Now().Add(b.maxAge)
+	return nil
+}
+
+// renew replaces the worker's connection once it has served DB_CONN_MAX_LIFETIME:
+// a PostgreSQL session keeps the plans it made (the prepared statement's, and
+// PL/pgSQL's inside send_messages) until a table's statistics change, and plans
+// made on a new, empty database are scans. It runs between batches, after their
+// answers, and opens the fresh connection before it lets the old one go: a
+// database that cannot be reached, or a pool with nothing free within a second,
+// leaves the old one in use for renewRetry more. The old connection goes back
+// to the pool, which closes it, as it is older than the pool's own lifetime.
+// (db.Conn may hand out a connection the pool opened earlier, so a worker's
+// connection lives at most about twice DB_CONN_MAX_LIFETIME.)
+func (b *sendBatcher) renew(sc *sendConn) {
+	if sc.conn == nil || time.Now().Before(sc.renewAt) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var fresh sendConn
+	if err := b.connect(ctx, &fresh); err != nil {
+		sc.renewAt = time.Now().Add(renewRetry)
+		return
+	}
+	sc.close()
+	*sc = fresh
 }
 
 // execute runs one batch and answers each of its requests. If PostgreSQL refused
@@ -367,19 +413,9 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 			sc.close()
 		}
 	}()
-	if sc.conn != nil && time.Since(sc.opened) > b.maxAge {
-		sc.close()
-	}
 	if sc.conn == nil {
-		sc.opened = time.Now()
-		if sc.conn, err = b.db.Conn(ctx); err != nil {
-			return nil, fmt.Errorf("send connection: %w", err)
-		}
-		if b.prepare {
-			if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err != nil {
-				sc.close()
-				return nil, fmt.Errorf("prepare send: %w", err)
-			}
+		if err := b.connect(ctx, sc); err != nil {
+			return nil, err
 		}
 	}
 	n := len(batch)

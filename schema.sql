@@ -151,11 +151,11 @@ CREATE TABLE IF NOT EXISTS settings (
 -- executor start-up and no planning per call. Only a message whose key was used
 -- before needs a second statement, whose fresh snapshot sees the first use.
 --
--- A lone message that is created takes a shorter path: seven small statements.
--- Starting the executor on that one statement's plan (some sixty nodes) costs
--- more than the work a single message needs; with one message a call, the short
--- path takes PostgreSQL 1.13 ms of CPU per call against 1.42 (pgbench at 500
--- calls a second, bench/send.sql; docs/performance.md).
+-- A lone message that is created takes a shorter path: six small statements,
+-- eight with an idempotency key. Starting the executor on the one statement's plan
+-- (some sixty nodes) costs more than the work a single message needs; with one
+-- message a call, the short path takes PostgreSQL 1.13 ms of CPU per call against
+-- 1.42 (pgbench at 500 calls a second, bench/send.sql; docs/performance.md).
 --
 -- Lock order: every users row involved, by id (locked), and only then anything
 -- else. The ids and times of the messages are taken under those locks (the gate on
@@ -189,7 +189,10 @@ BEGIN
     -- before, users deleted meanwhile) leaves this path having changed nothing and
     -- takes the general statement. The lock order is the same: both users rows,
     -- lower id first, then the rest; the id and time are taken under the locks.
-    IF cardinality(p_conversations) = 1 AND p_keys[1] IS NOT NULL THEN
+    IF cardinality(p_conversations) = 1 AND cardinality(p_senders) = 1
+       AND cardinality(p_contents) = 1 AND cardinality(p_keys) = 1
+       AND p_conversations[1] IS NOT NULL AND p_senders[1] IS NOT NULL
+       AND p_contents[1] IS NOT NULL AND p_keys[1] IS NOT NULL THEN
         v_conv := p_conversations[1];
         v_sender := p_senders[1];
         v_key := p_keys[1];

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"database/sql"
 	"fmt"
 	"net/url"
 	"os"
@@ -42,10 +43,13 @@ func TestLoneSendMatchesBatch(t *testing.T) {
 		{sender: 2, content: "last", key: "k2"},
 	}
 	// run sends each message of a pair (base 0: users 1, 2, conversation 10; base
-	// 2: users 3, 4, conversation 20) and returns the outcomes.
+	// 2: users 3, 4, conversation 20) and returns what each call answered for it,
+	// with users relative to the pair's first and message ids by the send that
+	// created them.
 	run := func(base int, batch bool) []string {
-		var outcomes []string
-		for _, s := range sends {
+		var answers []string
+		created := map[int64]int{} // message id → the send that created it
+		for n, s := range sends {
 			sender, conv := int64(s.sender+base), int64(10*(base/2+1))
 			switch {
 			case s.sender == 0:
@@ -60,7 +64,8 @@ func TestLoneSendMatchesBatch(t *testing.T) {
 				convs, senders = append(convs, 99), append(senders, sender)
 				contents, keys = append(contents, "filler"), append(keys, "")
 			}
-			rows, err := db.Query(`SELECT idx, outcome FROM send_messages($1, $2, $3, $4) ORDER BY idx`,
+			rows, err := db.Query(`SELECT idx, outcome, message_id, content, other_id, sender_seq, other_seq
+				FROM send_messages($1, $2, $3, $4) ORDER BY idx`,
 				pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys))
 			if err != nil {
 				t.Fatalf("send %+v: %v", s, err)
@@ -68,20 +73,38 @@ func TestLoneSendMatchesBatch(t *testing.T) {
 			for rows.Next() {
 				var idx int
 				var outcome string
-				if err := rows.Scan(&idx, &outcome); err != nil {
+				var id, other, senderSeq, otherSeq sql.NullInt64
+				var content sql.NullString
+				if err := rows.Scan(&idx, &outcome, &id, &content, &other, &senderSeq, &otherSeq); err != nil {
 					t.Fatal(err)
 				}
-				if idx == 1 {
-					outcomes = append(outcomes, outcome)
-				} else if outcome != "not_found" {
-					t.Errorf("the filler: %s", outcome)
+				if idx != 1 {
+					if outcome != "not_found" {
+						t.Errorf("the filler: %s", outcome)
+					}
+					continue
 				}
+				a := outcome
+				switch outcome {
+				case "created":
+					created[id.Int64] = n
+					if other.Int64 == 5 { // both runs' outsider: its numbers depend on the order of the runs
+						a += fmt.Sprintf(" %q, to the outsider, sequence number %d", content.String, senderSeq.Int64)
+						break
+					}
+					a += fmt.Sprintf(" %q, other %d, sequence numbers %d and %d",
+						content.String, other.Int64-int64(base), senderSeq.Int64, otherSeq.Int64)
+				case "replayed":
+					first, ok := created[id.Int64]
+					a += fmt.Sprintf(" %q, the message of send %d (%v)", content.String, first, ok)
+				}
+				answers = append(answers, a)
 			}
 			if err := rows.Close(); err != nil {
 				t.Fatal(err)
 			}
 		}
-		return outcomes
+		return answers
 	}
 	// state describes a pair's rows, by position instead of by id.
 	state := func(first int) []string {
@@ -116,12 +139,22 @@ func TestLoneSendMatchesBatch(t *testing.T) {
 	}
 
 	lone, batched := run(0, false), run(2, true)
-	want := []string{"created", "created", "replayed", "key_conflict", "created", "not_found", "not_found", "created", "created"}
+	want := []string{
+		`created "hello", other 2, sequence numbers 1 and 1`,
+		`created "hi", other 1, sequence numbers 2 and 2`,
+		`replayed "hi", the message of send 1 (true)`,
+		"key_conflict",
+		`created "same key, other sender", other 2, sequence numbers 3 and 3`,
+		"not_found",
+		"not_found",
+		`created "to the outsider", to the outsider, sequence number 4`,
+		`created "last", other 1, sequence numbers 4 and 5`,
+	}
 	if !reflect.DeepEqual(lone, want) {
-		t.Errorf("one message a call: outcomes %v, want %v", lone, want)
+		t.Errorf("one message a call:\n%s\nwant:\n%s", lines(lone), lines(want))
 	}
 	if !reflect.DeepEqual(batched, want) {
-		t.Errorf("in a batch: outcomes %v, want %v", batched, want)
+		t.Errorf("in a batch:\n%s\nwant:\n%s", lines(batched), lines(want))
 	}
 	a, b := state(1), state(3)
 	if !reflect.DeepEqual(a, b) {
@@ -129,6 +162,20 @@ func TestLoneSendMatchesBatch(t *testing.T) {
 	}
 	if len(a) < 8 {
 		t.Errorf("the rows the test looked at:\n%s", lines(a))
+	}
+
+	// Arrays of one element that are not one message each (only SQL callers make
+	// them) take the general statement, as before the short path.
+	for _, c := range []struct{ call, want string }{
+		{`send_messages('{10}', '{1,1}', '{a,b}', '{"",""}')`, "1 created a, 2 not_found"},
+		{`send_messages('{10}', '{1}', '[0:0]={c}', '{""}')`, "1 created c"},
+	} {
+		var got string
+		if err := db.QueryRow(`SELECT string_agg(concat_ws(' ', idx, outcome, content), ', ' ORDER BY idx) FROM ` + c.call).Scan(&got); err != nil {
+			t.Errorf("%s: %v", c.call, err)
+		} else if got != c.want {
+			t.Errorf("%s = %q, want %q", c.call, got, c.want)
+		}
 	}
 }
 

@@ -1,8 +1,9 @@
 -- send_messages: a short path for a lone message (issue 15). An idle server's
 -- batches hold one message each, and for one message, starting the executor on
 -- the general statement of 00006 (some sixty plan nodes) cost PostgreSQL more than
--- the work itself: 1.42 ms of CPU per call against 1.13 ms with seven small
--- statements (pgbench at 500 calls a second, bench/send.sql; docs/performance.md).
+-- the work itself: 1.42 ms of CPU per call against 1.13 ms with six small
+-- statements, eight with an idempotency key (pgbench at 500 calls a second,
+-- bench/send.sql; docs/performance.md).
 -- Any case but a created message (no such conversation, a key used before, users
 -- deleted meanwhile) leaves the short path having changed nothing and takes the
 -- general statement, unchanged.
@@ -25,11 +26,11 @@
 -- executor start-up and no planning per call. Only a message whose key was used
 -- before needs a second statement, whose fresh snapshot sees the first use.
 --
--- A lone message that is created takes a shorter path: seven small statements.
--- Starting the executor on that one statement's plan (some sixty nodes) costs
--- more than the work a single message needs; with one message a call, the short
--- path takes PostgreSQL 1.13 ms of CPU per call against 1.42 (pgbench at 500
--- calls a second, bench/send.sql; docs/performance.md).
+-- A lone message that is created takes a shorter path: six small statements,
+-- eight with an idempotency key. Starting the executor on the one statement's plan
+-- (some sixty nodes) costs more than the work a single message needs; with one
+-- message a call, the short path takes PostgreSQL 1.13 ms of CPU per call against
+-- 1.42 (pgbench at 500 calls a second, bench/send.sql; docs/performance.md).
 --
 -- Lock order: every users row involved, by id (locked), and only then anything
 -- else. The ids and times of the messages are taken under those locks (the gate on
@@ -62,7 +63,10 @@ BEGIN
     -- before, users deleted meanwhile) leaves this path having changed nothing and
     -- takes the general statement. The lock order is the same: both users rows,
     -- lower id first, then the rest; the id and time are taken under the locks.
-    IF cardinality(p_conversations) = 1 AND p_keys[1] IS NOT NULL THEN
+    IF cardinality(p_conversations) = 1 AND cardinality(p_senders) = 1
+       AND cardinality(p_contents) = 1 AND cardinality(p_keys) = 1
+       AND p_conversations[1] IS NOT NULL AND p_senders[1] IS NOT NULL
+       AND p_contents[1] IS NOT NULL AND p_keys[1] IS NOT NULL THEN
         v_conv := p_conversations[1];
         v_sender := p_senders[1];
         v_key := p_keys[1];
