@@ -154,6 +154,9 @@ func respond(w http.ResponseWriter, status int, v any) {
 // isUnavailable reports whether err means the database cannot be reached right now,
 // as during a restart or failover.
 func isUnavailable(err error) bool {
+	if errors.Is(err, errNoConnection) {
+		return true
+	}
 	var pqErr *pq.Error
 	if errors.As(err, &pqErr) {
 		class := string(pqErr.Code)[:2]

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"strconv"
 	"strings"
@@ -237,6 +238,7 @@ type sendBatcher struct {
 	queues   [sendWorkers]chan *sendRequest
 	prepare  bool          // prepare the statement on each worker's connection
 	maxAge   time.Duration // a worker's connection is replaced once this old (DB_CONN_MAX_LIFETIME)
+	logger   *slog.Logger
 }
 
 // sendQuery is the whole send transaction.
@@ -249,8 +251,8 @@ const (
 	sendWorkers  = 2
 )
 
-func newSendBatcher(db *sql.DB, nf *notifier, prepare bool, maxAge time.Duration) *sendBatcher {
-	b := &sendBatcher{db: db, notifier: nf, prepare: prepare, maxAge: maxAge}
+func newSendBatcher(db *sql.DB, nf *notifier, prepare bool, maxAge time.Duration, logger *slog.Logger) *sendBatcher {
+	b := &sendBatcher{db: db, notifier: nf, prepare: prepare, maxAge: maxAge, logger: logger}
 	for i := range b.queues {
 		b.queues[i] = make(chan *sendRequest, maxSendBatch)
 	}
@@ -333,11 +335,17 @@ func (b *sendBatcher) send(ctx context.Context, conversation, sender int64, cont
 	}
 }
 
+// errNoConnection marks a failure to get a database connection: whatever
+// PostgreSQL answered (it may be refusing connections to the database, or it may
+// not know it any more), the database cannot be reached, and the send is answered
+// 503 (isUnavailable), for the client to retry.
+var errNoConnection = errors.New("no database connection")
+
 // connect gives sc a connection of its own from the pool, with the send statement
 // prepared on it when b.prepare.
 func (b *sendBatcher) connect(ctx context.Context, sc *sendConn) (err error) {
 	if sc.conn, err = b.db.Conn(ctx); err != nil {
-		return fmt.Errorf("send connection: %w", err)
+		return fmt.Errorf("send connection: %w: %w", errNoConnection, err)
 	}
 	if b.prepare {
 		if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err != nil {
@@ -367,6 +375,7 @@ func (b *sendBatcher) renew(sc *sendConn) {
 	defer cancel()
 	var fresh sendConn
 	if err := b.connect(ctx, &fresh); err != nil {
+		b.logger.Warn("send worker keeps its connection: a fresh one failed", "retry", renewRetry, "err", err)
 		sc.renewAt = time.Now().Add(renewRetry)
 		return
 	}

@@ -3,9 +3,11 @@ package main
 import (
 	"database/sql"
 	"fmt"
+	"net/http"
 	"net/url"
 	"os"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -229,5 +231,62 @@ func TestSendConnectionRenewed(t *testing.T) {
 			t.Fatal(err)
 		}
 		return n == 0
+	})
+}
+
+// TestSendConnectionKeptWhenRenewalFails: a send worker whose connection is due
+// for renewal opens the fresh one before it lets the old one go, so that sends go
+// on over the old one while no new connection can be made.
+func TestSendConnectionKeptWhenRenewalFails(t *testing.T) {
+	t.Parallel()
+	if os.Getenv(pgBouncerEnv) != "" {
+		t.Skip("behind PgBouncer, the server's connections are PgBouncer's")
+	}
+	dbURL := privateDatabase(t)
+	ts := newTestServer(t, "DATABASE_URL="+dbURL, "DB_CONN_MAX_LIFETIME=200ms")
+	ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
+	conv := ann.startConversation(bob)
+	ann.send(conv.ID, "first")
+
+	// From now on nobody can connect to the server's database. Signed-in users'
+	// sessions are cached, so a send needs only the worker's connection.
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := strings.TrimPrefix(u.Path, "/")
+	admin, err := sql.Open("postgres", testDatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	mustExec(t, admin, `ALTER DATABASE `+name+` ALLOW_CONNECTIONS false`)
+
+	waitFor(t, 15*time.Second, "a renewal to fail", func() bool {
+		ann.send(conv.ID, "while the worker tries to renew") // 201, or the test fails
+		return strings.Contains(ts.logs.String(), "send worker keeps its connection")
+	})
+	ann.send(conv.ID, "after the failed renewal")
+	fresh, err := sql.Open("postgres", dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	if err := fresh.Ping(); err == nil {
+		t.Error("a new connection to the server's database was accepted: the test proved nothing")
+	}
+
+	// Once the worker's connection is gone too, sends get 503 (retry later), not
+	// 500; and once connections are allowed again, sends succeed again.
+	mustExec(t, admin, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1`, name)
+	for range 2 {
+		if resp, body := ann.do("POST", "/api/conversations/"+conv.ID+"/messages", map[string]string{"content": "refused"}); resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("a send with no connection to be had: %d %s, want 503", resp.StatusCode, body)
+		}
+	}
+	mustExec(t, admin, `ALTER DATABASE `+name+` ALLOW_CONNECTIONS true`)
+	waitFor(t, 15*time.Second, "sends to succeed again", func() bool {
+		resp, _ := ann.do("POST", "/api/conversations/"+conv.ID+"/messages", map[string]string{"content": "back"})
+		return resp.StatusCode == http.StatusCreated
 	})
 }
