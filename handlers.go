@@ -138,7 +138,7 @@ func respond(w http.ResponseWriter, status int, v any) {
 		// json.Marshal would run Message's MarshalJSON and then scan its output
 		// again, byte by byte, to compact it: 4 % of the server's CPU at
 		// saturation, for output that is compact already.
-		b = appendMessageJSON(make([]byte, 0, 128+len(m.Content)), m)
+		b = m.encode()
 	} else {
 		var err error
 		if b, err = json.Marshal(v); err != nil {

@@ -32,7 +32,12 @@ const timeLayout = "2006-01-02T15:04:05.000Z07:00"
 
 // MarshalJSON writes m in the API's shape (see appendMessageJSON).
 func (m Message) MarshalJSON() ([]byte, error) {
-	return appendMessageJSON(make([]byte, 0, 128+len(m.Content)), m), nil
+	return m.encode(), nil
+}
+
+// encode returns m in the API's shape, in a buffer sized for it.
+func (m Message) encode() []byte {
+	return appendMessageJSON(make([]byte, 0, 128+len(m.Content)), m)
 }
 
 // appendMessageJSON appends m in the API's shape: ids as strings, createdAt in UTC

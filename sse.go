@@ -543,7 +543,7 @@ func (h *Hub) syncUsers(ctx context.Context, users []int64) error {
 // messageFrame encodes a message event: the default event type, so that
 // EventSource.onmessage receives it.
 func messageFrame(seq int64, m Message) []byte {
-	return namedFrame(seq, "", appendMessageJSON(make([]byte, 0, 128+len(m.Content)), m))
+	return namedFrame(seq, "", m.encode())
 }
 
 // namedFrame encodes one SSE frame; seq 0 leaves out the id (fleeting events) and
