@@ -47,13 +47,24 @@ export function mountHome(root, ctx) {
       const changed = page.filter((c) => !conversations.has(c.id) || conversations.get(c.id).lastMessage?.id !== c.lastMessage?.id).length;
       const shown = [...list.children].map((li) => li.dataset.id);
       const inOrder = page.every((c, i) => shown[i] === c.id);
+      const live = []; // conversations whose message from the stream is newer than the page
       for (const c of [...page].reverse()) {
-        const same = conversations.get(c.id)?.lastMessage?.id === c.lastMessage?.id && ctx.unread.get(c.id) === (c.unreadCount ?? 0);
+        const held = conversations.get(c.id);
+        // The page may have been answered before a message the stream has brought
+        // since: keep that message, and the unread count that counted it.
+        if (isNewer(held?.lastMessage, c.lastMessage)) {
+          c.lastMessage = held.lastMessage;
+          c.unreadCount = ctx.unread.get(c.id);
+          live.push(c);
+        }
+        const same = held?.lastMessage?.id === c.lastMessage?.id && ctx.unread.get(c.id) === (c.unreadCount ?? 0);
         conversations.set(c.id, c);
         ctx.unread.set(c.id, c.unreadCount ?? 0);
         // Items already in place and up to date are left alone (and keep focus).
         if (!inOrder || !same) redraw(c, { toTop: !inOrder });
       }
+      live.sort((a, b) => Date.parse(a.lastMessage.createdAt) - Date.parse(b.lastMessage.createdAt));
+      for (const c of live) redraw(c, { toTop: true });
       if (!cursor || (page.length === PAGE_SIZE && changed === PAGE_SIZE)) {
         const fresh = new Set(page.map((c) => c.id));
         for (const id of conversations.keys()) {
@@ -134,7 +145,7 @@ export function mountHome(root, ctx) {
     fetching.set(id, []);
     try {
       const c = await ctx.api('GET', `/api/conversations/${encodeURIComponent(id)}`, { signal });
-      const later = fetching.get(id).filter((m) => !c.lastMessage || Date.parse(m.createdAt) > Date.parse(c.lastMessage.createdAt));
+      const later = fetching.get(id).filter((m) => isNewer(m, c.lastMessage));
       if (later.length) c.lastMessage = later[later.length - 1];
       ctx.unread.set(id, (c.unreadCount ?? 0) + later.filter((m) => !m.mine).length);
       conversations.set(id, c);
@@ -163,7 +174,7 @@ export function mountHome(root, ctx) {
     onMessage(message) {
       const c = conversations.get(message.conversationId);
       if (!c) return void insertUnknown(message);
-      if (c.lastMessage && Date.parse(c.lastMessage.createdAt) > Date.parse(message.createdAt)) return redraw(c);
+      if (isNewer(c.lastMessage, message)) return redraw(c);
       c.lastMessage = message;
       redraw(c, { toTop: true });
     },
@@ -172,6 +183,12 @@ export function mountHome(root, ctx) {
       if (c) redraw(c);
     },
   };
+}
+
+// isNewer reports whether message a is newer than message b (either may be
+// missing): a conversation's messages are stamped in commit order.
+function isNewer(a, b) {
+  return !!a && (!b || Date.parse(a.createdAt) > Date.parse(b.createdAt));
 }
 
 function newConversationForm(ctx, signal) {
