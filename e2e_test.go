@@ -1272,3 +1272,74 @@ func TestE2ENothingLostAcrossReconnects(t *testing.T) {
 	checkShown()
 	b.screenshot("e2e-nothing-lost-reset")
 }
+
+// TestE2EStaleListKeepsLiveMessage: the home page's refresh fetches the list of
+// conversations; a message that the stream brings after the server answered that
+// fetch, but before the answer reached the page, must stay shown. The answer is
+// held in the browser (Fetch at the response stage) until the message is shown.
+func TestE2EStaleListKeepsLiveMessage(t *testing.T) {
+	ts := newTestServer(t)
+	me, friend := ts.newUser(t, "me"), ts.newUser(t, "friend")
+	conv := friend.startConversation(me)
+	b := newBrowser(t, ts, "me", desktop)
+
+	var mu sync.Mutex
+	answered, holdAt := 0, 0 // list answers seen; the one to hold (0: none)
+	var held fetch.RequestID
+	paused := chromedp.Events(b.ctx, fetch.RequestPaused)
+	if _, err := chromedp.Call(b.ctx, fetch.Enable, fetch.EnableParams{Patterns: []*fetch.RequestPattern{
+		{URLPattern: "*/api/conversations", RequestStage: fetch.RequestStageResponse},
+	}}); err != nil {
+		t.Fatalf("intercept the list: %v", err)
+	}
+	go func() {
+		for ev, err := range paused {
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			answered++
+			hold := answered == holdAt
+			if hold {
+				held = ev.RequestID
+			}
+			mu.Unlock()
+			if !hold {
+				chromedp.Call(b.ctx, fetch.ContinueResponse, fetch.ContinueResponseParams{RequestID: ev.RequestID})
+			}
+		}
+	}()
+	count := func() int { mu.Lock(); defer mu.Unlock(); return answered }
+
+	b.signIn(me.User.Username)
+	item := fmt.Sprintf(`document.querySelector('.conversation-item[data-id="%s"] .preview')`, conv.ID)
+	b.waitUntil("the conversation is listed", item+`?.textContent === 'No messages yet'`)
+	// The first load: the list, then the refresh the stream's start asks for.
+	waitFor(t, e2eWait, "the first load's list and refresh", func() bool { return count() >= 2 })
+
+	// Reload: the list comes through, the refresh's answer is held.
+	mu.Lock()
+	holdAt = answered + 2
+	mu.Unlock()
+	b.do("reload", chromedp.Reload())
+	waitFor(t, e2eWait, "the refresh's answer to be held", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return held != ""
+	})
+	text := "after the list was answered " + randomHex(3)
+	friend.send(conv.ID, text)
+	b.waitUntil("the message arrives live", item+`?.textContent.includes(`+jsString(text)+`)`)
+
+	b.do("mark the item", chromedp.Evaluate[chromedp.Void](item+`.closest('li').dataset.before = 'refresh'`))
+	mu.Lock()
+	id := held
+	mu.Unlock()
+	if _, err := chromedp.Call(b.ctx, fetch.ContinueResponse, fetch.ContinueResponseParams{RequestID: id}); err != nil {
+		t.Fatalf("release the held answer: %v", err)
+	}
+	b.waitUntil("the refresh has redrawn the item", item+` && !`+item+`.closest('li').dataset.before`)
+	if got := eval[string](b, item+`.textContent`); !strings.Contains(got, text) {
+		t.Errorf("after the older list arrived, the item shows %q, want the message %q", got, text)
+	}
+}
