@@ -194,18 +194,7 @@ func lines(ls []string) string {
 // pool's own limit would not reach it, and it keeps the plans made when it opened.
 func TestSendConnectionRenewed(t *testing.T) {
 	t.Parallel()
-	if os.Getenv(pgBouncerEnv) != "" {
-		t.Skip("behind PgBouncer, pg_stat_activity shows PgBouncer's connections")
-	}
-	u, err := url.Parse(testDatabaseURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	app := uniqueName("renew")
-	q := u.Query()
-	q.Set("application_name", app)
-	u.RawQuery = q.Encode()
-	ts := newTestServer(t, "DATABASE_URL="+u.String(), "DB_CONN_MAX_LIFETIME=300ms")
+	ts, app := namedServer(t, "renew", "DB_CONN_MAX_LIFETIME=300ms")
 	ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
 	conv := ann.startConversation(bob)
 
@@ -289,4 +278,102 @@ func TestSendConnectionKeptWhenRenewalFails(t *testing.T) {
 		resp, _ := ann.do("POST", "/api/conversations/"+conv.ID+"/messages", map[string]string{"content": "back"})
 		return resp.StatusCode == http.StatusCreated
 	})
+}
+
+// TestSendsPassStuckBatches: a batch that waits for a lock another transaction
+// holds passes the turn on after sendSpillAfter, so that sends of other users go
+// on, up to sendWorkers batches in flight; the stuck sends complete once the lock
+// is released.
+func TestSendsPassStuckBatches(t *testing.T) {
+	t.Parallel()
+	ts, app := namedServer(t, "stuck")
+
+	type pair struct {
+		sender, receiver *client
+		conv             apiConversation
+	}
+	pairs := make([]pair, sendWorkers)
+	for i := range pairs {
+		s, r := ts.newUser(t, "snd"), ts.newUser(t, "rcv")
+		pairs[i] = pair{s, r, s.startConversation(r)}
+	}
+	stuck, free := pairs[:sendWorkers-1], pairs[sendWorkers-1]
+
+	// Another transaction holds the receivers of all pairs but the last.
+	tx, err := ts.DB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	for _, p := range stuck {
+		if _, err := tx.Exec(`SELECT 1 FROM users WHERE id = $1 FOR UPDATE`, p.receiver.User.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waiting := func() (n int) {
+		err := ts.DB.QueryRow(`SELECT count(*) FROM pg_stat_activity
+			WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE '%send_messages%'`, app).Scan(&n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	// Each stuck send is a batch of its own, on a worker of its own.
+	done := make(chan int, len(stuck))
+	for i, p := range stuck {
+		go func() {
+			resp, _ := p.sender.do("POST", "/api/conversations/"+p.conv.ID+"/messages", map[string]string{"content": "held"})
+			done <- resp.StatusCode
+		}()
+		waitFor(t, eventWait, fmt.Sprintf("%d sends waiting for the lock", i+1), func() bool { return waiting() == i+1 })
+	}
+	sent := make(chan struct{})
+	go func() {
+		free.sender.send(free.conv.ID, "not held")
+		close(sent)
+	}()
+	select {
+	case <-sent:
+	case <-time.After(eventWait):
+		t.Fatalf("a send of other users waited for %d stuck batches", len(stuck))
+	}
+	select {
+	case code := <-done:
+		t.Fatalf("a held send was answered %d while its receiver was locked", code)
+	default:
+	}
+
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	for range stuck {
+		select {
+		case code := <-done:
+			if code != http.StatusCreated {
+				t.Fatalf("held send: got %d, want 201", code)
+			}
+		case <-time.After(eventWait):
+			t.Fatal("a held send did not complete once the lock was released")
+		}
+	}
+}
+
+// namedServer starts a test server whose database connections carry a unique
+// application_name, returned, by which pg_stat_activity tells them apart. Behind
+// PgBouncer, where it would show PgBouncer's connections, the test is skipped.
+func namedServer(t *testing.T, prefix string, env ...string) (*testServer, string) {
+	t.Helper()
+	if os.Getenv(pgBouncerEnv) != "" {
+		t.Skip("behind PgBouncer, pg_stat_activity shows PgBouncer's connections")
+	}
+	u, err := url.Parse(testDatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := uniqueName(prefix)
+	q := u.Query()
+	q.Set("application_name", app)
+	u.RawQuery = q.Encode()
+	return newTestServer(t, append([]string{"DATABASE_URL=" + u.String()}, env...)...), app
 }
