@@ -250,40 +250,50 @@ type batchResult struct {
 // query goes unprepared (with binary_parameters, see poolerSafeDSN, that is one
 // round trip too).
 type sendBatcher struct {
-	db       *sql.DB
-	notifier *notifier
-	queue    chan *sendRequest
-	turn     chan struct{} // holds the turn while no worker has it
-	prepare  bool          // prepare the statement on each worker's connection
-	maxAge   time.Duration // a worker's connection is replaced once this old (DB_CONN_MAX_LIFETIME)
-	logger   *slog.Logger
+	db      *sql.DB
+	deliver func(notification) // hands a committed message's events on (notifier.enqueue)
+	queue   chan *sendRequest
+	turn    chan struct{} // holds the turn while no worker has it
+	prepare bool          // prepare the statement on each worker's connection
+	maxAge  time.Duration // a worker's connection is replaced once this old (DB_CONN_MAX_LIFETIME)
+	logger  *slog.Logger
 }
 
-// sendQuery is the whole send transaction.
-const sendQuery = `
+// sendQuery is the whole send transaction; sendQueryTimed is the same with a lock
+// timeout ($5), for batches of more than one message (see execute).
+const (
+	sendQuery = `
 	SELECT idx, outcome, message_id, created_at, content, other_id, sender_seq, other_seq
 	FROM send_messages($1, $2, $3, $4)`
+	sendQueryTimed = `
+	SELECT idx, outcome, message_id, created_at, content, other_id, sender_seq, other_seq
+	FROM send_messages($1, $2, $3, $4, $5)`
+)
 
 const (
 	maxSendBatch   = 64
 	sendWorkers    = 4                     // batches at most in flight, each on its own connection
 	sendSpillAfter = 20 * time.Millisecond // a batch this old passes the turn on
+	// sendLockTimeout is how long a batch of more than one message waits for a
+	// lock another transaction holds before it is refused and split (execute).
+	sendLockTimeout = "20ms"
 )
 
-func newSendBatcher(db *sql.DB, nf *notifier, prepare bool, maxAge time.Duration, logger *slog.Logger) *sendBatcher {
-	b := &sendBatcher{db: db, notifier: nf, prepare: prepare, maxAge: maxAge, logger: logger,
+func newSendBatcher(db *sql.DB, deliver func(notification), prepare bool, maxAge time.Duration, logger *slog.Logger) *sendBatcher {
+	b := &sendBatcher{db: db, deliver: deliver, prepare: prepare, maxAge: maxAge, logger: logger,
 		queue: make(chan *sendRequest, maxSendBatch), turn: make(chan struct{}, 1)}
 	b.turn <- struct{}{}
 	return b
 }
 
-// sendConn is a send worker's own connection, and the statement prepared on it.
+// sendConn is a send worker's own connection, and the statements prepared on it.
 // A *sql.Conn is out of the pool, where DB_CONN_MAX_LIFETIME would not reach it,
 // so the worker replaces it itself (see renew).
 type sendConn struct {
-	conn    *sql.Conn
-	stmt    *sql.Stmt // nil: not prepared
-	renewAt time.Time // when to replace conn with a fresh one
+	conn      *sql.Conn
+	stmt      *sql.Stmt // sendQuery; nil: not prepared
+	stmtTimed *sql.Stmt // sendQueryTimed; nil: not prepared
+	renewAt   time.Time // when to replace conn with a fresh one
 }
 
 // renewRetry is how long a worker keeps its connection after a failed renewal
@@ -291,9 +301,11 @@ type sendConn struct {
 const renewRetry = 10 * time.Second
 
 func (sc *sendConn) close() {
-	if sc.stmt != nil {
-		sc.stmt.Close()
-		sc.stmt = nil
+	for _, st := range []**sql.Stmt{&sc.stmt, &sc.stmtTimed} {
+		if *st != nil {
+			(*st).Close()
+			*st = nil
+		}
 	}
 	if sc.conn != nil {
 		sc.conn.Close()
@@ -394,7 +406,10 @@ func (b *sendBatcher) connect(ctx context.Context, sc *sendConn) (err error) {
 		return fmt.Errorf("send connection: %w: %w", errNoConnection, err)
 	}
 	if b.prepare {
-		if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err != nil {
+		if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err == nil {
+			sc.stmtTimed, err = sc.conn.PrepareContext(ctx, sendQueryTimed)
+		}
+		if err != nil {
 			sc.close()
 			return fmt.Errorf("prepare send: %w", err)
 		}
@@ -429,19 +444,39 @@ func (b *sendBatcher) renew(sc *sendConn) {
 	*sc = fresh
 }
 
-// execute runs one batch and answers each of its requests. If PostgreSQL refused
-// the batch (so its transaction rolled back) for a reason other than being
-// unavailable, each message is retried alone, so that one bad message cannot fail
-// the others. Any other error leaves the outcome unknown and is returned as it is.
+// execute runs one batch and answers each of its requests. A batch of more than
+// one message runs with a lock timeout. If PostgreSQL refused it (so its
+// transaction rolled back) for a reason other than being unavailable, each message
+// is retried alone, so that one bad message cannot fail the others, nor one whose
+// users another transaction holds hold up the others: first each with the lock
+// timeout, then those that it refused, each waiting for as long as its request
+// does. Any other error leaves the outcome unknown and is returned as it is.
 func (b *sendBatcher) execute(sc *sendConn, batch []*sendRequest) {
-	results, err := b.store(sc, batch)
+	results, err := b.store(sc, batch, len(batch) > 1)
 	var pqErr *pq.Error
-	if err != nil && len(batch) > 1 && errors.As(err, &pqErr) && !isUnavailable(err) {
-		for _, r := range batch {
-			b.execute(sc, []*sendRequest{r})
-		}
+	if err == nil || len(batch) == 1 || !errors.As(err, &pqErr) || isUnavailable(err) {
+		answer(batch, results, err)
 		return
 	}
+	var held []*sendRequest
+	for _, r := range batch {
+		one := []*sendRequest{r}
+		results, err := b.store(sc, one, true)
+		if errors.As(err, &pqErr) && pqErr.Code == "55P03" { // lock_not_available
+			held = append(held, r)
+			continue
+		}
+		answer(one, results, err)
+	}
+	for _, r := range held {
+		one := []*sendRequest{r}
+		results, err := b.store(sc, one, false)
+		answer(one, results, err)
+	}
+}
+
+// answer hands each request of batch its result, or err.
+func answer(batch []*sendRequest, results []batchResult, err error) {
 	for i, r := range batch {
 		if err != nil {
 			r.done <- batchResult{err: err}
@@ -451,9 +486,10 @@ func (b *sendBatcher) execute(sc *sendConn, batch []*sendRequest) {
 	}
 }
 
-// store runs send_messages for batch on the worker's connection and, once it has
-// committed, queues the notifications of the messages it created.
-func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batchResult, err error) {
+// store runs send_messages for batch on the worker's connection, with the lock
+// timeout if timed, and, once it has committed, hands on the notifications of the
+// messages it created.
+func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest, timed bool) (results []batchResult, err error) {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	defer func() {
@@ -480,11 +516,16 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 		convs[i], senders[i], contents[i], keys[i] = r.conversation, r.sender, r.content, r.key
 	}
 	args := []any{pq.Array(convs), pq.Array(senders), pq.Array(contents), pq.Array(keys)}
+	query, stmt := sendQuery, sc.stmt
+	if timed {
+		query, stmt = sendQueryTimed, sc.stmtTimed
+		args = append(args, sendLockTimeout)
+	}
 	var rows *sql.Rows
-	if sc.stmt != nil {
-		rows, err = sc.stmt.QueryContext(ctx, args...)
+	if stmt != nil {
+		rows, err = stmt.QueryContext(ctx, args...)
 	} else {
-		rows, err = sc.conn.QueryContext(ctx, sendQuery, args...)
+		rows, err = sc.conn.QueryContext(ctx, query, args...)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("send messages: %w", err)
@@ -525,7 +566,7 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest) (results []batch
 		}
 	}
 	for _, note := range notes {
-		b.notifier.enqueue(note)
+		b.deliver(note)
 	}
 	return results, nil
 }

@@ -326,6 +326,22 @@ BEGIN
 END;
 $$;
 
+-- send_messages with a lock timeout, for the server's batches of more than one
+-- message: a batch that waits for a lock another transaction holds on one of its
+-- users fails with lock_not_available (55P03) after p_lock_timeout instead of
+-- holding up every message in it, and the server then sends each message alone.
+-- set_config(..., true) lasts until the end of the call's own transaction.
+CREATE OR REPLACE FUNCTION send_messages(
+    p_conversations BIGINT[], p_senders BIGINT[], p_contents TEXT[], p_keys TEXT[], p_lock_timeout TEXT)
+RETURNS TABLE (idx INT, outcome TEXT, message_id BIGINT, created_at TIMESTAMPTZ, content TEXT,
+               other_id BIGINT, sender_seq BIGINT, other_seq BIGINT)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('lock_timeout', p_lock_timeout, true);
+    RETURN QUERY SELECT * FROM send_messages(p_conversations, p_senders, p_contents, p_keys);
+END;
+$$;
+
 -- read_messages marks a conversation read up to its last message for p_reader and,
 -- when there was something unread, logs a read event for the other participant.
 -- outcome is 'read' (with the event's recipient, sequence number and data, for the

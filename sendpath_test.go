@@ -3,11 +3,14 @@ package main
 import (
 	"database/sql"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
 	"reflect"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -376,4 +379,77 @@ func namedServer(t *testing.T, prefix string, env ...string) (*testServer, strin
 	q.Set("application_name", app)
 	u.RawQuery = q.Encode()
 	return newTestServer(t, append([]string{"DATABASE_URL=" + u.String()}, env...)...), app
+}
+
+// TestBatchSplitsPastHeldLock: a batch of two, the first of which goes to a user
+// that another transaction holds, is refused after the lock timeout and split: the
+// second message is stored and answered while the lock is still held, the first
+// once it is released.
+func TestBatchSplitsPastHeldLock(t *testing.T) {
+	t.Parallel()
+	ts := newTestServer(t)
+	ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
+	cat, dan := ts.newUser(t, "cat"), ts.newUser(t, "dan")
+	request := func(sender *client, conv apiConversation, content string) *sendRequest {
+		c, err := strconv.ParseInt(conv.ID, 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &sendRequest{conversation: c, sender: sender.User.ID, content: content, done: make(chan batchResult, 1)}
+	}
+	held := request(ann, ann.startConversation(bob), "held")
+	free := request(cat, cat.startConversation(dan), "free")
+
+	var mu sync.Mutex
+	var delivered []string
+	b := newSendBatcher(ts.DB, func(n notification) {
+		mu.Lock()
+		defer mu.Unlock()
+		delivered = append(delivered, n.Content)
+	}, true, time.Hour, slog.New(slog.DiscardHandler))
+
+	tx, err := ts.DB.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.Exec(`SELECT 1 FROM users WHERE id = $1 FOR UPDATE`, bob.User.ID); err != nil {
+		t.Fatal(err)
+	}
+	var sc sendConn
+	executed := make(chan struct{})
+	go func() {
+		defer close(executed)
+		b.execute(&sc, []*sendRequest{held, free})
+	}()
+	t.Cleanup(func() {
+		<-executed
+		sc.close()
+	})
+	wantCreated := func(r *sendRequest) {
+		t.Helper()
+		select {
+		case res := <-r.done:
+			if res.err != nil || res.outcome != sendCreated || res.msg.Content != r.content {
+				t.Fatalf("%s: got %+v, want it created", r.content, res)
+			}
+		case <-time.After(eventWait):
+			t.Fatalf("%s: no answer", r.content)
+		}
+	}
+	wantCreated(free)
+	select {
+	case res := <-held.done:
+		t.Fatalf("held: answered %+v while its receiver was locked", res)
+	default:
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	wantCreated(held)
+	mu.Lock()
+	defer mu.Unlock()
+	if !reflect.DeepEqual(delivered, []string{"free", "held"}) {
+		t.Fatalf("delivered %q, want free then held", delivered)
+	}
 }
