@@ -850,15 +850,8 @@ func TestClientGoneIsNotAnOutage(t *testing.T) {
 	alice, bob := ts.newUser(t, "gone_a"), ts.newUser(t, "gone_b")
 	conv := alice.startConversation(bob)
 	bob.send(conv.ID, "unread")
-	tx, err := ts.DB.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback()
 	// read_messages waits for bob's users row, which this transaction holds.
-	if _, err := tx.Exec(`SELECT 1 FROM users WHERE id = $1 FOR UPDATE`, bob.User.ID); err != nil {
-		t.Fatal(err)
-	}
+	tx := holdUsers(t, ts.DB, bob.User.ID)
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "POST", ts.URL+"/api/conversations/"+conv.ID+"/read_messages", nil)

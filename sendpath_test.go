@@ -303,16 +303,11 @@ func TestSendsPassStuckBatches(t *testing.T) {
 	stuck, free := pairs[:sendWorkers-1], pairs[sendWorkers-1]
 
 	// Another transaction holds the receivers of all pairs but the last.
-	tx, err := ts.DB.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback()
+	var receivers []int64
 	for _, p := range stuck {
-		if _, err := tx.Exec(`SELECT 1 FROM users WHERE id = $1 FOR UPDATE`, p.receiver.User.ID); err != nil {
-			t.Fatal(err)
-		}
+		receivers = append(receivers, p.receiver.User.ID)
 	}
+	tx := holdUsers(t, ts.DB, receivers...)
 	waiting := func() (n int) {
 		err := ts.DB.QueryRow(`SELECT count(*) FROM pg_stat_activity
 			WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE '%send_messages%'`, app).Scan(&n)
@@ -408,14 +403,7 @@ func TestBatchSplitsPastHeldLock(t *testing.T) {
 		delivered = append(delivered, n.Content)
 	}, true, time.Hour, slog.New(slog.DiscardHandler))
 
-	tx, err := ts.DB.Begin()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.Exec(`SELECT 1 FROM users WHERE id = $1 FOR UPDATE`, bob.User.ID); err != nil {
-		t.Fatal(err)
-	}
+	tx := holdUsers(t, ts.DB, bob.User.ID)
 	var sc sendConn
 	executed := make(chan struct{})
 	go func() {
@@ -452,4 +440,19 @@ func TestBatchSplitsPastHeldLock(t *testing.T) {
 	if !reflect.DeepEqual(delivered, []string{"free", "held"}) {
 		t.Fatalf("delivered %q, want free then held", delivered)
 	}
+}
+
+// holdUsers locks the users rows of ids in a transaction of db's, as another
+// writer would, until the caller commits it or the test ends.
+func holdUsers(t *testing.T, db *sql.DB, ids ...int64) *sql.Tx {
+	t.Helper()
+	tx, err := db.Begin()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tx.Rollback() })
+	if _, err := tx.Exec(`SELECT 1 FROM users WHERE id = ANY($1) FOR UPDATE`, pq.Array(ids)); err != nil {
+		t.Fatal(err)
+	}
+	return tx
 }
