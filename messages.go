@@ -201,6 +201,7 @@ const (
 type sendRequest struct {
 	conversation, sender int64
 	content, key         string
+	deadline             time.Time        // the request's: past it, nobody waits for the answer
 	done                 chan batchResult // buffered: the batch never waits on the handler
 }
 
@@ -275,8 +276,11 @@ const (
 	sendWorkers    = 4                     // batches at most in flight, each on its own connection
 	sendSpillAfter = 20 * time.Millisecond // a batch this old passes the turn on
 	// sendLockTimeout is how long a batch of more than one message waits for a
-	// lock another transaction holds before it is refused and split (execute).
-	sendLockTimeout = "20ms"
+	// lock before it is refused and split (execute): well above a commit's
+	// latency, so that the server's own batches, which share users once the turn
+	// has been passed on, wait for each other's commits rather than split each
+	// other when commits are slow.
+	sendLockTimeout = "200ms"
 )
 
 func newSendBatcher(db *sql.DB, deliver func(notification), prepare bool, maxAge time.Duration, logger *slog.Logger) *sendBatcher {
@@ -336,10 +340,14 @@ func (b *sendBatcher) run(ctx context.Context) {
 				b.execute(&sc, batch)
 				spill.Stop()
 				// Unless the batch passed the turn on, the worker keeps it, and
-				// with it its connection in use: the others open theirs only
-				// when a batch gets stuck.
-				turn = passed.CompareAndSwap(false, true)
-				b.renew(&sc)
+				// with it its connection in use. A worker that passed it gives
+				// its connection back: the others hold one only while a batch of
+				// theirs runs.
+				if turn = passed.CompareAndSwap(false, true); turn {
+					b.renew(&sc)
+				} else {
+					sc.close()
+				}
 			}
 		})
 	}
@@ -380,6 +388,10 @@ func (b *sendBatcher) gather(ctx context.Context, turn bool) []*sendRequest {
 // Idempotency-Key).
 func (b *sendBatcher) send(ctx context.Context, conversation, sender int64, content, key string) (Message, sendOutcome, error) {
 	r := &sendRequest{conversation: conversation, sender: sender, content: content, key: key, done: make(chan batchResult, 1)}
+	var ok bool
+	if r.deadline, ok = ctx.Deadline(); !ok {
+		r.deadline = time.Now().Add(requestTimeout)
+	}
 	select {
 	case b.queue <- r:
 	case <-ctx.Done():
@@ -449,10 +461,12 @@ func (b *sendBatcher) renew(sc *sendConn) {
 // transaction rolled back) for a reason other than being unavailable, each message
 // is retried alone, so that one bad message cannot fail the others, nor one whose
 // users another transaction holds hold up the others: first each with the lock
-// timeout, then those that it refused, each waiting for as long as its request
-// does. Any other error leaves the outcome unknown and is returned as it is.
+// timeout, then those that it refused, each waiting until its request's deadline.
+// A request past its deadline is answered with an error and not stored: its
+// handler has answered 503 already. Any other error leaves the outcome unknown and
+// is returned as it is.
 func (b *sendBatcher) execute(sc *sendConn, batch []*sendRequest) {
-	results, err := b.store(sc, batch, len(batch) > 1)
+	results, err := b.store(sc, batch, len(batch) > 1, time.Now().Add(requestTimeout))
 	var pqErr *pq.Error
 	if err == nil || len(batch) == 1 || !errors.As(err, &pqErr) || isUnavailable(err) {
 		answer(batch, results, err)
@@ -460,19 +474,25 @@ func (b *sendBatcher) execute(sc *sendConn, batch []*sendRequest) {
 	}
 	var held []*sendRequest
 	for _, r := range batch {
-		one := []*sendRequest{r}
-		results, err := b.store(sc, one, true)
+		results, err := b.storeAlone(sc, r, true)
 		if errors.As(err, &pqErr) && pqErr.Code == "55P03" { // lock_not_available
 			held = append(held, r)
 			continue
 		}
-		answer(one, results, err)
+		answer([]*sendRequest{r}, results, err)
 	}
 	for _, r := range held {
-		one := []*sendRequest{r}
-		results, err := b.store(sc, one, false)
-		answer(one, results, err)
+		results, err := b.storeAlone(sc, r, false)
+		answer([]*sendRequest{r}, results, err)
 	}
+}
+
+// storeAlone stores r's message alone, by r's deadline.
+func (b *sendBatcher) storeAlone(sc *sendConn, r *sendRequest, timed bool) ([]batchResult, error) {
+	if !time.Now().Before(r.deadline) {
+		return nil, fmt.Errorf("send alone: %w", context.DeadlineExceeded)
+	}
+	return b.store(sc, []*sendRequest{r}, timed, r.deadline)
 }
 
 // answer hands each request of batch its result, or err.
@@ -487,10 +507,10 @@ func answer(batch []*sendRequest, results []batchResult, err error) {
 }
 
 // store runs send_messages for batch on the worker's connection, with the lock
-// timeout if timed, and, once it has committed, hands on the notifications of the
-// messages it created.
-func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest, timed bool) (results []batchResult, err error) {
-	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+// timeout if timed and by deadline, and, once it has committed, hands on the
+// notifications of the messages it created.
+func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest, timed bool, deadline time.Time) (results []batchResult, err error) {
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	defer func() {
 		var pqErr *pq.Error

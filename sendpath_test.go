@@ -376,24 +376,28 @@ func namedServer(t *testing.T, prefix string, env ...string) (*testServer, strin
 	return newTestServer(t, append([]string{"DATABASE_URL=" + u.String()}, env...)...), app
 }
 
-// TestBatchSplitsPastHeldLock: a batch of two, the first of which goes to a user
-// that another transaction holds, is refused after the lock timeout and split: the
-// second message is stored and answered while the lock is still held, the first
-// once it is released.
+// TestBatchSplitsPastHeldLock: a batch of three, the first two of which go to a
+// user that another transaction holds, is refused after the lock timeout and split:
+// the third message is stored and answered while the lock is still held, the first
+// once it is released, and the second, whose request's deadline passes meanwhile,
+// is answered with an error and never stored.
 func TestBatchSplitsPastHeldLock(t *testing.T) {
 	t.Parallel()
 	ts := newTestServer(t)
 	ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
 	cat, dan := ts.newUser(t, "cat"), ts.newUser(t, "dan")
-	request := func(sender *client, conv apiConversation, content string) *sendRequest {
+	request := func(sender *client, conv apiConversation, content string, within time.Duration) *sendRequest {
 		c, err := strconv.ParseInt(conv.ID, 10, 64)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return &sendRequest{conversation: c, sender: sender.User.ID, content: content, done: make(chan batchResult, 1)}
+		return &sendRequest{conversation: c, sender: sender.User.ID, content: content,
+			deadline: time.Now().Add(within), done: make(chan batchResult, 1)}
 	}
-	held := request(ann, ann.startConversation(bob), "held")
-	free := request(cat, cat.startConversation(dan), "free")
+	heldConv := ann.startConversation(bob)
+	held := request(ann, heldConv, "held", time.Minute)
+	late := request(ann, heldConv, "late", 100*time.Millisecond)
+	free := request(cat, cat.startConversation(dan), "free", time.Minute)
 
 	var mu sync.Mutex
 	var delivered []string
@@ -408,7 +412,7 @@ func TestBatchSplitsPastHeldLock(t *testing.T) {
 	executed := make(chan struct{})
 	go func() {
 		defer close(executed)
-		b.execute(&sc, []*sendRequest{held, free})
+		b.execute(&sc, []*sendRequest{held, late, free})
 	}()
 	t.Cleanup(func() {
 		<-executed
@@ -427,6 +431,14 @@ func TestBatchSplitsPastHeldLock(t *testing.T) {
 	}
 	wantCreated(free)
 	select {
+	case res := <-late.done:
+		if res.err == nil {
+			t.Fatalf("late: got %+v past its deadline, want an error", res)
+		}
+	case <-time.After(eventWait):
+		t.Fatal("late: no answer past its deadline")
+	}
+	select {
 	case res := <-held.done:
 		t.Fatalf("held: answered %+v while its receiver was locked", res)
 	default:
@@ -435,6 +447,11 @@ func TestBatchSplitsPastHeldLock(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantCreated(held)
+	var stored int
+	if err := ts.DB.QueryRow(`SELECT count(*) FROM messages WHERE conversation_id = $1 AND content = 'late'`,
+		late.conversation).Scan(&stored); err != nil || stored != 0 {
+		t.Fatalf("late: %d stored (%v), want none", stored, err)
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	if !reflect.DeepEqual(delivered, []string{"free", "held"}) {
