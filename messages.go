@@ -233,7 +233,12 @@ type batchResult struct {
 // care here: the users rows are locked in id order and each event's sequence
 // number is taken under the lock, so two batches that share a user commit one
 // after the other whichever runs first. With all sendWorkers stuck, sends queue
-// until their request times out.
+// until their request times out. (Where every commit takes longer than
+// sendSpillAfter, as with a distant synchronous standby, every batch passes the
+// turn on, and batches that share users wait for each other's commits: half the
+// throughput of one batch at a time in a test with commits of 30 ms,
+// docs/performance.md.) A batch of more than one message that a lock holds up for
+// sendLockTimeout is split: see execute.
 //
 // Each worker runs its batches on a connection of its own (a *sql.Conn), opened
 // when it first gets the turn, and keeps the turn from one batch to the next
