@@ -226,19 +226,18 @@ type batchResult struct {
 // Concurrent batches also wait for each other inside PostgreSQL whenever they
 // share a user, since send_messages locks the users rows of its batch.
 //
-// A batch that has not committed within sendSpillAfter is most likely waiting for
-// a lock that another transaction holds (a user being deleted, a read receipt),
-// and only its own users' sends need to wait for that: its worker passes the turn
-// at once, and the next worker gathers the sends queued meanwhile. Order needs no
+// A batch that has not committed within sendSpillAfter and is waiting for a lock
+// that another transaction holds (a user being deleted, a read receipt), as
+// pg_stat_activity tells, holds up only its own users' sends: its worker passes the
+// turn on, and the next worker gathers the sends queued meanwhile. A batch that is
+// slow for another reason (a slow commit) keeps the turn, and is looked at again
+// every sendSpillAfter. Behind a pooler, where the backend is not known, a batch
+// passes the turn on after sendSpillAfter whatever it waits for. Order needs no
 // care here: the users rows are locked in id order and each event's sequence
 // number is taken under the lock, so two batches that share a user commit one
 // after the other whichever runs first. With all sendWorkers stuck, sends queue
-// until their request times out. (Where every commit takes longer than
-// sendSpillAfter, as with a distant synchronous standby, every batch passes the
-// turn on, and batches that share users wait for each other's commits: half the
-// throughput of one batch at a time in a test with commits of 30 ms,
-// docs/performance.md.) A batch of more than one message that a lock holds up for
-// sendLockTimeout is split: see execute.
+// until their request times out. A batch of more than one message that a lock
+// holds up for sendLockTimeout is split: see execute.
 //
 // Each worker runs its batches on a connection of its own (a *sql.Conn), opened
 // when it first gets the turn, and keeps the turn from one batch to the next
@@ -300,6 +299,7 @@ func newSendBatcher(db *sql.DB, deliver func(notification), prepare bool, maxAge
 // so the worker replaces it itself (see renew).
 type sendConn struct {
 	conn      *sql.Conn
+	pid       int       // conn's backend, straight to PostgreSQL; 0: behind a pooler, or none yet
 	stmt      *sql.Stmt // sendQuery; nil: not prepared
 	stmtTimed *sql.Stmt // sendQueryTimed; nil: not prepared
 	renewAt   time.Time // when to replace conn with a fresh one
@@ -316,6 +316,7 @@ func (sc *sendConn) close() {
 			*st = nil
 		}
 	}
+	sc.pid = 0
 	if sc.conn != nil {
 		sc.conn.Close()
 		sc.conn = nil
@@ -336,10 +337,28 @@ func (b *sendBatcher) run(ctx context.Context) {
 				if batch == nil {
 					return
 				}
+				if sc.conn == nil {
+					// Connect here rather than in store, so that the spill below
+					// knows the backend. On failure store tries again, and answers.
+					cctx, cancel := context.WithTimeout(ctx, requestTimeout)
+					if err := b.connect(cctx, &sc); err != nil {
+						b.logger.Warn("send worker: no connection", "err", err)
+					}
+					cancel()
+				}
 				var passed atomic.Bool
+				pid := sc.pid
 				spill := time.AfterFunc(sendSpillAfter, func() {
-					if passed.CompareAndSwap(false, true) {
-						b.turn <- struct{}{}
+					// Until the batch ends, while it waits for anything but a
+					// lock (a slow commit, say), it keeps the turn.
+					for !passed.Load() {
+						if pid == 0 || b.waitsForLock(pid) {
+							if passed.CompareAndSwap(false, true) {
+								b.turn <- struct{}{}
+							}
+							return
+						}
+						time.Sleep(sendSpillAfter)
 					}
 				})
 				b.execute(&sc, batch)
@@ -423,9 +442,14 @@ func (b *sendBatcher) connect(ctx context.Context, sc *sendConn) (err error) {
 		return fmt.Errorf("send connection: %w: %w", errNoConnection, err)
 	}
 	if b.prepare {
-		if sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery); err == nil {
+		err = sc.conn.QueryRowContext(ctx, `SELECT pg_backend_pid()`).Scan(&sc.pid)
+		if err == nil {
+			sc.stmt, err = sc.conn.PrepareContext(ctx, sendQuery)
+		}
+		if err == nil {
 			sc.stmtTimed, err = sc.conn.PrepareContext(ctx, sendQueryTimed)
 		}
+
 		if err != nil {
 			sc.close()
 			return fmt.Errorf("prepare send: %w", err)
@@ -490,6 +514,19 @@ func (b *sendBatcher) execute(sc *sendConn, batch []*sendRequest) {
 		results, err := b.storeAlone(sc, r, false)
 		answer([]*sendRequest{r}, results, err)
 	}
+}
+
+// waitsForLock reports whether backend pid, running a batch, is waiting for a
+// lock. If that cannot be told, it answers false: the check takes a connection from
+// the pool, and a pool that cannot give one (the database refusing connections, or
+// every connection busy) could not give the next worker one either.
+func (b *sendBatcher) waitsForLock(pid int) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	var lock bool
+	err := b.db.QueryRowContext(ctx, `
+		SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1`, pid).Scan(&lock)
+	return err == nil && lock
 }
 
 // storeAlone stores r's message alone, by r's deadline.

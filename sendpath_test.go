@@ -473,3 +473,57 @@ func holdUsers(t *testing.T, db *sql.DB, ids ...int64) *sql.Tx {
 	}
 	return tx
 }
+
+// TestSlowCommitsKeepTheTurn: batches that are slow because their commits are
+// (commit_delay, 50 ms each), not because they wait for a lock, keep the turn:
+// concurrent sends all go over one connection, in batches.
+func TestSlowCommitsKeepTheTurn(t *testing.T) {
+	t.Parallel()
+	if os.Getenv(pgBouncerEnv) != "" {
+		t.Skip("behind PgBouncer, pg_stat_activity shows PgBouncer's connections")
+	}
+	u, err := url.Parse(privateDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := sql.Open("postgres", testDatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	name := strings.TrimPrefix(u.Path, "/")
+	mustExec(t, admin, `ALTER DATABASE `+name+` SET commit_delay = 50000`)
+	mustExec(t, admin, `ALTER DATABASE `+name+` SET commit_siblings = 0`)
+	app := uniqueName("slow")
+	q := u.Query()
+	q.Set("application_name", app)
+	u.RawQuery = q.Encode()
+	ts := newTestServer(t, "DATABASE_URL="+u.String())
+
+	pairs := make([]struct {
+		sender *client
+		conv   apiConversation
+	}, 8)
+	for i := range pairs {
+		s, r := ts.newUser(t, "snd"), ts.newUser(t, "rcv")
+		pairs[i].sender, pairs[i].conv = s, s.startConversation(r)
+	}
+	var wg sync.WaitGroup
+	for _, p := range pairs {
+		wg.Go(func() {
+			for range 5 {
+				p.sender.send(p.conv.ID, "slow")
+			}
+		})
+	}
+	wg.Wait()
+	var backends int
+	if err := ts.DB.QueryRow(`SELECT count(*) FROM pg_stat_activity
+		WHERE application_name = $1 AND query LIKE '%send_messages%' AND query NOT LIKE '%pg_stat_activity%'`,
+		app).Scan(&backends); err != nil {
+		t.Fatal(err)
+	}
+	if backends != 1 {
+		t.Fatalf("sends ran on %d connections, want 1", backends)
+	}
+}
