@@ -26,7 +26,8 @@ const pgBouncerEnv = "MESSENGER_TEST_PGBOUNCER"
 const pgBouncerTests = `^(TestLogin|TestAuthUserAndRefresh|TestUsernames|TestConversations|` +
 	`TestCreateConversationConcurrently|TestPagination|TestMessageContent|TestIdempotentSend|` +
 	`TestStream.*|TestSlowStreamIsDropped|TestReadAndTypingReachOnlyTheOther|` +
-	`TestCrossInstanceDelivery|TestListenerConnectionKilled|TestInstanceStopped|TestMigrateConcurrently)$`
+	`TestCrossInstanceDelivery|TestListenerConnectionKilled|TestInstanceStopped|TestMigrateConcurrently|` +
+	`TestBatchSplitsPastHeldLock)$`
 
 // viaPgBouncer returns dbURL with its host and port replaced by PgBouncer's.
 func viaPgBouncer(dbURL, bouncer string) string {

@@ -384,78 +384,101 @@ func namedServer(t *testing.T, prefix string, env ...string) (*testServer, strin
 func TestBatchSplitsPastHeldLock(t *testing.T) {
 	t.Parallel()
 	ts := newTestServer(t)
-	ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
-	cat, dan := ts.newUser(t, "cat"), ts.newUser(t, "dan")
-	request := func(sender *client, conv apiConversation, content string, within time.Duration) *sendRequest {
-		c, err := strconv.ParseInt(conv.ID, 10, 64)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return &sendRequest{conversation: c, sender: sender.User.ID, content: content,
-			deadline: time.Now().Add(within), done: make(chan batchResult, 1)}
+	// Unprepared, the batcher sends its statements as it does behind a pooler, and
+	// through PgBouncer in TestThroughPgBouncer's run.
+	unprepared := testDatabaseURL
+	if bouncer := os.Getenv(pgBouncerEnv); bouncer != "" {
+		unprepared = viaPgBouncer(testDatabaseURL, bouncer)
 	}
-	heldConv := ann.startConversation(bob)
-	held := request(ann, heldConv, "held", time.Minute)
-	late := request(ann, heldConv, "late", 100*time.Millisecond)
-	free := request(cat, cat.startConversation(dan), "free", time.Minute)
-
-	var mu sync.Mutex
-	var delivered []string
-	b := newSendBatcher(ts.DB, func(n notification) {
-		mu.Lock()
-		defer mu.Unlock()
-		delivered = append(delivered, n.Content)
-	}, true, time.Hour, slog.New(slog.DiscardHandler))
-
-	tx := holdUsers(t, ts.DB, bob.User.ID)
-	var sc sendConn
-	executed := make(chan struct{})
-	go func() {
-		defer close(executed)
-		b.execute(&sc, []*sendRequest{held, late, free})
-	}()
-	t.Cleanup(func() {
-		<-executed
-		sc.close()
-	})
-	wantCreated := func(r *sendRequest) {
-		t.Helper()
-		select {
-		case res := <-r.done:
-			if res.err != nil || res.outcome != sendCreated || res.msg.Content != r.content {
-				t.Fatalf("%s: got %+v, want it created", r.content, res)
-			}
-		case <-time.After(eventWait):
-			t.Fatalf("%s: no answer", r.content)
-		}
-	}
-	wantCreated(free)
-	select {
-	case res := <-late.done:
-		if res.err == nil {
-			t.Fatalf("late: got %+v past its deadline, want an error", res)
-		}
-	case <-time.After(eventWait):
-		t.Fatal("late: no answer past its deadline")
-	}
-	select {
-	case res := <-held.done:
-		t.Fatalf("held: answered %+v while its receiver was locked", res)
-	default:
-	}
-	if err := tx.Commit(); err != nil {
+	unprepared, err := poolerSafeDSN(unprepared)
+	if err != nil {
 		t.Fatal(err)
 	}
-	wantCreated(held)
-	var stored int
-	if err := ts.DB.QueryRow(`SELECT count(*) FROM messages WHERE conversation_id = $1 AND content = 'late'`,
-		late.conversation).Scan(&stored); err != nil || stored != 0 {
-		t.Fatalf("late: %d stored (%v), want none", stored, err)
+	pooled, err := sql.Open("postgres", unprepared)
+	if err != nil {
+		t.Fatal(err)
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if !reflect.DeepEqual(delivered, []string{"free", "held"}) {
-		t.Fatalf("delivered %q, want free then held", delivered)
+	defer pooled.Close()
+	for _, prepared := range []bool{true, false} {
+		db := ts.DB
+		if !prepared {
+			db = pooled
+		}
+		t.Run(fmt.Sprintf("prepared=%v", prepared), func(t *testing.T) {
+			ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
+			cat, dan := ts.newUser(t, "cat"), ts.newUser(t, "dan")
+			request := func(sender *client, conv apiConversation, content string, within time.Duration) *sendRequest {
+				c, err := strconv.ParseInt(conv.ID, 10, 64)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return &sendRequest{conversation: c, sender: sender.User.ID, content: content,
+					deadline: time.Now().Add(within), done: make(chan batchResult, 1)}
+			}
+			heldConv := ann.startConversation(bob)
+			held := request(ann, heldConv, "held", time.Minute)
+			late := request(ann, heldConv, "late", 100*time.Millisecond)
+			free := request(cat, cat.startConversation(dan), "free", time.Minute)
+
+			var mu sync.Mutex
+			var delivered []string
+			b := newSendBatcher(db, func(n notification) {
+				mu.Lock()
+				defer mu.Unlock()
+				delivered = append(delivered, n.Content)
+			}, prepared, time.Hour, slog.New(slog.DiscardHandler))
+
+			tx := holdUsers(t, ts.DB, bob.User.ID)
+			var sc sendConn
+			executed := make(chan struct{})
+			go func() {
+				defer close(executed)
+				b.execute(&sc, []*sendRequest{held, late, free})
+			}()
+			t.Cleanup(func() {
+				<-executed
+				sc.close()
+			})
+			wantCreated := func(r *sendRequest) {
+				t.Helper()
+				select {
+				case res := <-r.done:
+					if res.err != nil || res.outcome != sendCreated || res.msg.Content != r.content {
+						t.Fatalf("%s: got %+v, want it created", r.content, res)
+					}
+				case <-time.After(eventWait):
+					t.Fatalf("%s: no answer", r.content)
+				}
+			}
+			wantCreated(free)
+			select {
+			case res := <-late.done:
+				if res.err == nil {
+					t.Fatalf("late: got %+v past its deadline, want an error", res)
+				}
+			case <-time.After(eventWait):
+				t.Fatal("late: no answer past its deadline")
+			}
+			select {
+			case res := <-held.done:
+				t.Fatalf("held: answered %+v while its receiver was locked", res)
+			default:
+			}
+			if err := tx.Commit(); err != nil {
+				t.Fatal(err)
+			}
+			wantCreated(held)
+			var stored int
+			if err := ts.DB.QueryRow(`SELECT count(*) FROM messages WHERE conversation_id = $1 AND content = 'late'`,
+				late.conversation).Scan(&stored); err != nil || stored != 0 {
+				t.Fatalf("late: %d stored (%v), want none", stored, err)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if !reflect.DeepEqual(delivered, []string{"free", "held"}) {
+				t.Fatalf("delivered %q, want free then held", delivered)
+			}
+		})
 	}
 }
 
