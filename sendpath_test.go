@@ -197,7 +197,7 @@ func lines(ls []string) string {
 // pool's own limit would not reach it, and it keeps the plans made when it opened.
 func TestSendConnectionRenewed(t *testing.T) {
 	t.Parallel()
-	ts, app := namedServer(t, "renew", "DB_CONN_MAX_LIFETIME=300ms")
+	ts, app := namedServer(t, testDatabaseURL, "renew", "DB_CONN_MAX_LIFETIME=300ms")
 	ann, bob := ts.newUser(t, "ann"), ts.newUser(t, "bob")
 	conv := ann.startConversation(bob)
 
@@ -289,7 +289,7 @@ func TestSendConnectionKeptWhenRenewalFails(t *testing.T) {
 // is released.
 func TestSendsPassStuckBatches(t *testing.T) {
 	t.Parallel()
-	ts, app := namedServer(t, "stuck")
+	ts, app := namedServer(t, testDatabaseURL, "stuck")
 
 	type pair struct {
 		sender, receiver *client
@@ -357,15 +357,16 @@ func TestSendsPassStuckBatches(t *testing.T) {
 	}
 }
 
-// namedServer starts a test server whose database connections carry a unique
-// application_name, returned, by which pg_stat_activity tells them apart. Behind
-// PgBouncer, where it would show PgBouncer's connections, the test is skipped.
-func namedServer(t *testing.T, prefix string, env ...string) (*testServer, string) {
+// namedServer starts a test server on the database at dbURL whose connections
+// carry a unique application_name, returned, by which pg_stat_activity tells them
+// apart. Behind PgBouncer, where it would show PgBouncer's connections, the test
+// is skipped.
+func namedServer(t *testing.T, dbURL, prefix string, env ...string) (*testServer, string) {
 	t.Helper()
 	if os.Getenv(pgBouncerEnv) != "" {
 		t.Skip("behind PgBouncer, pg_stat_activity shows PgBouncer's connections")
 	}
-	u, err := url.Parse(testDatabaseURL)
+	u, err := url.Parse(dbURL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -505,7 +506,8 @@ func TestSlowCommitsKeepTheTurn(t *testing.T) {
 	if os.Getenv(pgBouncerEnv) != "" {
 		t.Skip("behind PgBouncer, pg_stat_activity shows PgBouncer's connections")
 	}
-	u, err := url.Parse(privateDatabase(t))
+	dbURL := privateDatabase(t)
+	u, err := url.Parse(dbURL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -517,11 +519,7 @@ func TestSlowCommitsKeepTheTurn(t *testing.T) {
 	name := strings.TrimPrefix(u.Path, "/")
 	mustExec(t, admin, `ALTER DATABASE `+name+` SET commit_delay = 50000`)
 	mustExec(t, admin, `ALTER DATABASE `+name+` SET commit_siblings = 0`)
-	app := uniqueName("slow")
-	q := u.Query()
-	q.Set("application_name", app)
-	u.RawQuery = q.Encode()
-	ts := newTestServer(t, "DATABASE_URL="+u.String())
+	ts, app := namedServer(t, dbURL, "slow")
 
 	pairs := make([]struct {
 		sender *client
