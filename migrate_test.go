@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -304,5 +305,66 @@ func TestStoredSettingConcurrently(t *testing.T) {
 				t.Fatalf("round %d: instances read %q and %q", round, first, v)
 			}
 		}
+	}
+}
+
+// TestDeletedRowsTakeTheirEvents checks what the foreign keys on messages and
+// events cascaded before migration 00009 and its triggers do now: deleting a user
+// deletes their events, their conversations' messages and the other participants'
+// events of those messages; deleting a message deletes its events. Nothing else
+// goes.
+func TestDeletedRowsTakeTheirEvents(t *testing.T) {
+	t.Parallel()
+	ts := newTestServer(t)
+	doomed, friend, other := ts.newUser(t, "doomed"), ts.newUser(t, "friend"), ts.newUser(t, "other")
+	gone := doomed.startConversation(friend)
+	kept := friend.startConversation(other)
+	doomed.send(gone.ID, "from doomed")
+	friend.send(gone.ID, "to doomed")
+	friend.mustDo("POST", "/api/conversations/"+gone.ID+"/read_messages", nil, http.StatusNoContent, nil)
+	friend.send(kept.ID, "stays")
+	lost := other.send(kept.ID, "deleted alone")
+
+	count := func(query string, args ...any) int {
+		t.Helper()
+		var n int
+		if err := ts.DB.QueryRow(query, args...).Scan(&n); err != nil {
+			t.Fatalf("%s: %v", query, err)
+		}
+		return n
+	}
+	eventsOf := func(c *client) int {
+		return count(`SELECT count(*) FROM events WHERE user_id = $1`, c.User.ID)
+	}
+	ofConversation := func(c *client, conv string) int {
+		return count(`SELECT count(*) FROM events e JOIN messages m ON m.id = e.message_id
+			WHERE e.user_id = $1 AND m.conversation_id = $2`, c.User.ID, conv)
+	}
+	// doomed: 2 message events and friend's read; friend: 4 message events.
+	if d, f, fg := eventsOf(doomed), eventsOf(friend), ofConversation(friend, gone.ID); d != 3 || f != 4 || fg != 2 {
+		t.Fatalf("before: doomed has %d events, friend %d (%d in the doomed conversation); want 3, 4 (2)", d, f, fg)
+	}
+
+	if _, err := ts.DB.Exec(`DELETE FROM users WHERE id = $1`, doomed.User.ID); err != nil {
+		t.Fatalf("delete user: %v", err)
+	}
+	if d := eventsOf(doomed); d != 0 {
+		t.Errorf("the deleted user still has %d events", d)
+	}
+	if n := count(`SELECT count(*) FROM messages WHERE conversation_id = $1`, gone.ID); n != 0 {
+		t.Errorf("the deleted user's conversation still has %d messages", n)
+	}
+	if f, o := eventsOf(friend), eventsOf(other); f != 2 || o != 2 {
+		t.Errorf("after the user's deletion friend has %d events, other %d; want 2 and 2", f, o)
+	}
+
+	if _, err := ts.DB.Exec(`DELETE FROM messages WHERE id = $1`, lost.ID); err != nil {
+		t.Fatalf("delete message: %v", err)
+	}
+	if n := count(`SELECT count(*) FROM events WHERE message_id = $1`, lost.ID); n != 0 {
+		t.Errorf("the deleted message still has %d events", n)
+	}
+	if f, o := eventsOf(friend), eventsOf(other); f != 1 || o != 1 {
+		t.Errorf("after the message's deletion friend has %d events, other %d; want 1 and 1", f, o)
 	}
 }
