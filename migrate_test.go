@@ -367,4 +367,14 @@ func TestDeletedRowsTakeTheirEvents(t *testing.T) {
 	if f, o := eventsOf(friend), eventsOf(other); f != 1 || o != 1 {
 		t.Errorf("after the message's deletion friend has %d events, other %d; want 1 and 1", f, o)
 	}
+
+	if _, err := ts.DB.Exec(`DELETE FROM conversations WHERE id = $1`, kept.ID); err != nil {
+		t.Fatalf("delete conversation: %v", err)
+	}
+	if n := count(`SELECT count(*) FROM messages WHERE conversation_id = $1`, kept.ID); n != 0 {
+		t.Errorf("the deleted conversation still has %d messages", n)
+	}
+	if f, o := eventsOf(friend), eventsOf(other); f != 0 || o != 0 {
+		t.Errorf("after the conversation's deletion friend has %d events, other %d; want none", f, o)
+	}
 }
