@@ -378,3 +378,33 @@ func TestDeletedRowsTakeTheirEvents(t *testing.T) {
 		t.Errorf("after the conversation's deletion friend has %d events, other %d; want none", f, o)
 	}
 }
+
+// TestTruncateEmptiesEvents: since migration 00009 no foreign key leads from users
+// or messages to events, so a TRUNCATE ... CASCADE would leave events behind (and,
+// with RESTART IDENTITY, hand them to new users); the TRUNCATE triggers of 00010
+// empty it. On a database of its own: TRUNCATE empties tables for everyone.
+func TestTruncateEmptiesEvents(t *testing.T) {
+	t.Parallel()
+	_, db := openPrivateDatabase(t)
+	mustMigrate(t, db)
+	for _, table := range []string{"messages", "conversations", "users"} {
+		mustExec(t, db, `INSERT INTO users (username) VALUES ('a'), ('b')`)
+		mustExec(t, db, `INSERT INTO conversations (user_low, user_high) SELECT min(id), max(id) FROM users`)
+		mustExec(t, db, `INSERT INTO participants (user_id, conversation_id, last_activity_at)
+			SELECT u.id, c.id, now() FROM users u, conversations c`)
+		mustExec(t, db, `SELECT * FROM send_messages(ARRAY(SELECT id FROM conversations), ARRAY(SELECT min(id) FROM users),
+			ARRAY['hello'], ARRAY[''])`)
+		var before, after int
+		if err := db.QueryRow(`SELECT count(*) FROM events`).Scan(&before); err != nil {
+			t.Fatal(err)
+		}
+		mustExec(t, db, `TRUNCATE `+table+` RESTART IDENTITY CASCADE`)
+		if err := db.QueryRow(`SELECT count(*) FROM events`).Scan(&after); err != nil {
+			t.Fatal(err)
+		}
+		if before != 2 || after != 0 {
+			t.Errorf("TRUNCATE %s: %d events before, %d after; want 2 and 0", table, before, after)
+		}
+		mustExec(t, db, `TRUNCATE users RESTART IDENTITY CASCADE`)
+	}
+}

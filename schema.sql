@@ -109,6 +109,21 @@ CREATE OR REPLACE TRIGGER messages_deleted AFTER DELETE ON messages
     REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
     EXECUTE FUNCTION delete_messages_events();
 
+-- A TRUNCATE fires no DELETE trigger, and has no foreign key to follow from users
+-- or messages to events: a TRUNCATE of either empties events. Ids are never
+-- changed (no foreign key refuses an UPDATE of users.id or messages.id any more).
+CREATE OR REPLACE FUNCTION truncate_events() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE events;
+    RETURN NULL;
+END;
+$$;
+CREATE OR REPLACE TRIGGER users_truncated AFTER TRUNCATE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION truncate_events();
+CREATE OR REPLACE TRIGGER messages_truncated AFTER TRUNCATE ON messages
+    FOR EACH STATEMENT EXECUTE FUNCTION truncate_events();
+
 -- idempotency_keys remembers the message each Idempotency-Key created, so that a
 -- retried send returns the first message instead of creating another.
 CREATE TABLE IF NOT EXISTS idempotency_keys (
