@@ -79,7 +79,7 @@ CREATE INDEX IF NOT EXISTS events_created ON events (created_at);
 -- The send path writes messages and events without foreign-key checks: a check ran
 -- a query per inserted row that locked the referenced row (the users row just
 -- updated, the message just inserted), each lock written to the WAL, and with 16
--- messages a call they took a fifth to a third of PostgreSQL's CPU
+-- messages a call they took a sixth to a quarter of PostgreSQL's CPU
 -- (docs/performance.md). What they checked holds by the lock order: events are
 -- written only for users rows their transaction has locked (send_messages,
 -- read_messages), and a message's sender is locked and in its conversation, which

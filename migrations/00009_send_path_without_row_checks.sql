@@ -1,7 +1,7 @@
 -- The send path without foreign-key checks on the rows it writes (issue 15). Each
 -- foreign key on messages and events ran a query per inserted row that locked the
 -- referenced row: the users row just updated, the message just inserted, each lock
--- written to the WAL. With 16 messages a call they took a fifth to a third of
+-- written to the WAL. With 16 messages a call they took a sixth to a quarter of
 -- PostgreSQL's CPU (docs/performance.md). What those keys checked holds by the lock
 -- order instead: events are written only for users rows the writing transaction
 -- has locked (send_messages, read_messages), and a message's sender is locked and
