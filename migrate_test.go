@@ -309,21 +309,29 @@ func TestStoredSettingConcurrently(t *testing.T) {
 }
 
 // TestDeletedRowsTakeTheirEvents checks what the foreign keys on messages and
-// events cascaded before migration 00009 and its triggers do now: deleting a user
-// deletes their events, their conversations' messages and the other participants'
-// events of those messages; deleting a message deletes its events. Nothing else
-// goes.
+// events cascaded before migration 00009 and its triggers do now, with the keys of
+// idempotency_keys, which stay: deleting a user deletes their events and keys,
+// their conversations' messages, and the other participants' events and keys of
+// those messages; deleting a message or a conversation deletes its messages'
+// events and keys. Nothing else goes.
 func TestDeletedRowsTakeTheirEvents(t *testing.T) {
 	t.Parallel()
 	ts := newTestServer(t)
 	doomed, friend, other := ts.newUser(t, "doomed"), ts.newUser(t, "friend"), ts.newUser(t, "other")
 	gone := doomed.startConversation(friend)
 	kept := friend.startConversation(other)
-	doomed.send(gone.ID, "from doomed")
-	friend.send(gone.ID, "to doomed")
+	send := func(c *client, conv, content string) apiMessage { // with an Idempotency-Key, as the web client sends
+		t.Helper()
+		var m apiMessage
+		c.mustDo("POST", "/api/conversations/"+conv+"/messages", map[string]string{"content": content},
+			http.StatusCreated, &m, "Idempotency-Key: "+randomHex(8))
+		return m
+	}
+	send(doomed, gone.ID, "from doomed")
+	send(friend, gone.ID, "to doomed")
 	friend.mustDo("POST", "/api/conversations/"+gone.ID+"/read_messages", nil, http.StatusNoContent, nil)
-	friend.send(kept.ID, "stays")
-	lost := other.send(kept.ID, "deleted alone")
+	send(friend, kept.ID, "stays")
+	lost := send(other, kept.ID, "deleted alone")
 
 	count := func(query string, args ...any) int {
 		t.Helper()
@@ -333,40 +341,37 @@ func TestDeletedRowsTakeTheirEvents(t *testing.T) {
 		}
 		return n
 	}
-	eventsOf := func(c *client) int {
-		return count(`SELECT count(*) FROM events WHERE user_id = $1`, c.User.ID)
+	// rowsOf returns c's events and idempotency keys.
+	rowsOf := func(c *client) [2]int {
+		return [2]int{count(`SELECT count(*) FROM events WHERE user_id = $1`, c.User.ID),
+			count(`SELECT count(*) FROM idempotency_keys WHERE user_id = $1`, c.User.ID)}
 	}
-	ofConversation := func(c *client, conv string) int {
-		return count(`SELECT count(*) FROM events e JOIN messages m ON m.id = e.message_id
-			WHERE e.user_id = $1 AND m.conversation_id = $2`, c.User.ID, conv)
+	want := func(when string, c *client, events, keys int) {
+		t.Helper()
+		if got := rowsOf(c); got != [2]int{events, keys} {
+			t.Errorf("%s: %s has %d events and %d keys; want %d and %d", when, c.User.Username, got[0], got[1], events, keys)
+		}
 	}
 	// doomed: 2 message events and friend's read; friend: 4 message events.
-	if d, f, fg := eventsOf(doomed), eventsOf(friend), ofConversation(friend, gone.ID); d != 3 || f != 4 || fg != 2 {
-		t.Fatalf("before: doomed has %d events, friend %d (%d in the doomed conversation); want 3, 4 (2)", d, f, fg)
-	}
+	want("before", doomed, 3, 1)
+	want("before", friend, 4, 2)
+	want("before", other, 2, 1)
 
 	if _, err := ts.DB.Exec(`DELETE FROM users WHERE id = $1`, doomed.User.ID); err != nil {
 		t.Fatalf("delete user: %v", err)
 	}
-	if d := eventsOf(doomed); d != 0 {
-		t.Errorf("the deleted user still has %d events", d)
-	}
 	if n := count(`SELECT count(*) FROM messages WHERE conversation_id = $1`, gone.ID); n != 0 {
 		t.Errorf("the deleted user's conversation still has %d messages", n)
 	}
-	if f, o := eventsOf(friend), eventsOf(other); f != 2 || o != 2 {
-		t.Errorf("after the user's deletion friend has %d events, other %d; want 2 and 2", f, o)
-	}
+	want("after the user's deletion", doomed, 0, 0)
+	want("after the user's deletion", friend, 2, 1)
+	want("after the user's deletion", other, 2, 1)
 
 	if _, err := ts.DB.Exec(`DELETE FROM messages WHERE id = $1`, lost.ID); err != nil {
 		t.Fatalf("delete message: %v", err)
 	}
-	if n := count(`SELECT count(*) FROM events WHERE message_id = $1`, lost.ID); n != 0 {
-		t.Errorf("the deleted message still has %d events", n)
-	}
-	if f, o := eventsOf(friend), eventsOf(other); f != 1 || o != 1 {
-		t.Errorf("after the message's deletion friend has %d events, other %d; want 1 and 1", f, o)
-	}
+	want("after the message's deletion", friend, 1, 1)
+	want("after the message's deletion", other, 1, 0)
 
 	if _, err := ts.DB.Exec(`DELETE FROM conversations WHERE id = $1`, kept.ID); err != nil {
 		t.Fatalf("delete conversation: %v", err)
@@ -374,15 +379,14 @@ func TestDeletedRowsTakeTheirEvents(t *testing.T) {
 	if n := count(`SELECT count(*) FROM messages WHERE conversation_id = $1`, kept.ID); n != 0 {
 		t.Errorf("the deleted conversation still has %d messages", n)
 	}
-	if f, o := eventsOf(friend), eventsOf(other); f != 0 || o != 0 {
-		t.Errorf("after the conversation's deletion friend has %d events, other %d; want none", f, o)
-	}
+	want("after the conversation's deletion", friend, 0, 0)
+	want("after the conversation's deletion", other, 0, 0)
 }
 
 // TestTruncateEmptiesEvents: since migration 00009 no foreign key leads from users
 // or messages to events, so a TRUNCATE ... CASCADE would leave events behind (and,
 // with RESTART IDENTITY, hand them to new users); the TRUNCATE triggers of 00010
-// empty it. On a database of its own: TRUNCATE empties tables for everyone.
+// empty it. The keys of idempotency_keys, which stay, empty that table. On a database of its own: TRUNCATE empties tables for everyone.
 func TestTruncateEmptiesEvents(t *testing.T) {
 	t.Parallel()
 	_, db := openPrivateDatabase(t)
@@ -393,17 +397,18 @@ func TestTruncateEmptiesEvents(t *testing.T) {
 		mustExec(t, db, `INSERT INTO participants (user_id, conversation_id, last_activity_at)
 			SELECT u.id, c.id, now() FROM users u, conversations c`)
 		mustExec(t, db, `SELECT * FROM send_messages(ARRAY(SELECT id FROM conversations), ARRAY(SELECT min(id) FROM users),
-			ARRAY['hello'], ARRAY[''])`)
-		var before, after int
-		if err := db.QueryRow(`SELECT count(*) FROM events`).Scan(&before); err != nil {
-			t.Fatal(err)
+			ARRAY['hello'], ARRAY['key'])`)
+		rows := func() (n [2]int) {
+			t.Helper()
+			if err := db.QueryRow(`SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM idempotency_keys)`).Scan(&n[0], &n[1]); err != nil {
+				t.Fatal(err)
+			}
+			return n
 		}
+		before := rows()
 		mustExec(t, db, `TRUNCATE `+table+` RESTART IDENTITY CASCADE`)
-		if err := db.QueryRow(`SELECT count(*) FROM events`).Scan(&after); err != nil {
-			t.Fatal(err)
-		}
-		if before != 2 || after != 0 {
-			t.Errorf("TRUNCATE %s: %d events before, %d after; want 2 and 0", table, before, after)
+		if after := rows(); before != [2]int{2, 1} || after != [2]int{0, 0} {
+			t.Errorf("TRUNCATE %s: events and keys %v before, %v after; want [2 1] and [0 0]", table, before, after)
 		}
 		mustExec(t, db, `TRUNCATE users RESTART IDENTITY CASCADE`)
 	}
