@@ -22,8 +22,9 @@
 #      send, BENCH_HUB_RATE_SECONDS each; BENCH_HUB_PUBLISHERS closed-loop
 #      publishers for BENCH_HUB_SATURATION_SECONDS. The first open loop and the
 #      saturation are profiled: the server's CPU (pprof, bench/out/pprof-*.txt)
-#      and PostgreSQL's wait events; then bench/explain.sql times each statement of
-#      a send inside PostgreSQL (bench/out/explain.txt).
+#      and PostgreSQL's wait events; then the series' bare send runs again (the
+#      ratios are to the mean of both runs), and bench/explain.sql times each
+#      statement of a send inside PostgreSQL (bench/out/explain.txt).
 #
 # PostgreSQL is the one scripts/db.sh finds (DATABASE_URL, if set, names the
 # server; only its database name is replaced). The environment variables below
@@ -209,6 +210,9 @@ start_server hubs
   -publishers "$hub_publishers" -saturation-seconds "$hub_saturation_seconds" \
   -pprof "http://127.0.0.1:$pprof_port" -pg-url "$admin" -dir "$out" -quiet-wait "$quiet_wait" -out "$out/hubs.json"
 stop_server
+# The bare send again: the machine's speed can move by half within minutes, and
+# the report takes the ratios to the mean of both runs, with the range.
+pgbench_run series-after bench/series_send.sql
 # The server's CPU profiles: the top functions, and split into the steps of a send
 # (bench/pprof_steps.sh) per message sent at the phase's achieved rate.
 for phase in open saturation; do

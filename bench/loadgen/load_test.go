@@ -66,12 +66,29 @@ func TestReportHubsVerdicts(t *testing.T) {
 	lost := ok
 	lost.LostReceiver, lost.Duplicates = 2, 1
 	md := reportHubs(hubsResult{Users: 200, Closed: ok, Open: ok, Saturation: lost,
-		Idle: idleStats{Streams: 5000, KBPerStream: 9.5}}, &pgbenchResult{Clients: 16, Seconds: 10, TPS: 1000})
+		Idle: idleStats{Streams: 5000, KBPerStream: 9.5}}, &pgbenchResult{Clients: 16, Seconds: 10, TPS: 1000}, nil)
 	for _, want := range []string{
 		"| closed loop: 16 senders, 100 sends | 2,000 msg/s, 2.00× the bare send | ≥ 1.0× | pass |",
 		"| saturation: failed, lost / duplicated | 0, 2 / 1 | 0, 0 / 0 | **miss** |",
 		"| open loop at 500 msg/s: CPU per 1,000 messages, server + PostgreSQL | 0.20 + 0.30 = 0.50 s | ≤ 1.0 s | pass |",
 		"9.5 KB a stream",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+}
+
+// TestReportHubsBareSendTwice: with the bare send run before and after the phases,
+// the ratios are to their mean, with the range against either run.
+func TestReportHubsBareSendTwice(t *testing.T) {
+	ok := phaseStats{Senders: 16, Attempted: 100, Created: 100, PerSecond: 2000}
+	md := reportHubs(hubsResult{Users: 200, Closed: ok, Saturation: ok},
+		&pgbenchResult{Clients: 16, Seconds: 10, TPS: 1500}, &pgbenchResult{Clients: 16, Seconds: 10, TPS: 2500})
+	for _, want := range []string{
+		"| the series' bare send again, after the phases below | 2,500 tx/s",
+		"the ratios below are to the mean, 2,000 tx/s",
+		"| closed loop: 16 senders, 100 sends | 2,000 msg/s, 1.00 (0.80–1.33)× the bare send | ≥ 1.0× | pass |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)

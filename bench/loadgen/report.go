@@ -39,7 +39,7 @@ func runReport(args []string) error {
 		return err
 	}
 	runs := map[string]*pgbenchResult{}
-	for _, name := range []string{"send", "notify-intx", "notify-after", "series"} {
+	for _, name := range []string{"send", "notify-intx", "notify-after", "series", "series-after"} {
 		var r pgbenchResult
 		err := readJSON(filepath.Join(*dir, "pgbench-"+name+".json"), &r)
 		if errors.Is(err, fs.ErrNotExist) && name != "send" {
@@ -55,7 +55,7 @@ func runReport(args []string) error {
 	err := readJSON(filepath.Join(*dir, "hubs.json"), &hubs)
 	switch {
 	case err == nil:
-		md += reportHubs(hubs, runs["series"])
+		md += reportHubs(hubs, runs["series"], runs["series-after"])
 	case !errors.Is(err, fs.ErrNotExist):
 		return err
 	}
@@ -194,19 +194,29 @@ const (
 )
 
 // reportHubs is the table of issue 15's shapes: against the article series' bare
-// send (pgbench in the same run), and those of the realtime hubs comparison.
-func reportHubs(h hubsResult, series *pgbenchResult) string {
+// send (pgbench in the same run), and those of the realtime hubs comparison. With
+// after, the bare send run again once the server's phases are over, the ratios are
+// to the mean of the two, each ratio followed by its range against either run: on
+// a shared machine the speed of both can move by half between them.
+func reportHubs(h hubsResult, series, after *pgbenchResult) string {
 	var b strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	tps := h.SeriesTPS
 	if series != nil {
 		tps = series.TPS
 	}
+	if series != nil && after != nil {
+		tps = (series.TPS + after.TPS) / 2
+	}
 	ratio := func(v float64) string {
 		if tps <= 0 {
 			return "—"
 		}
-		return fmt.Sprintf("%.2f", v/tps)
+		if series == nil || after == nil {
+			return fmt.Sprintf("%.2f", v/tps)
+		}
+		lo, hi := v/max(series.TPS, after.TPS), v/min(series.TPS, after.TPS)
+		return fmt.Sprintf("%.2f (%.2f–%.2f)", v/tps, lo, hi)
 	}
 	lostDup := func(ps phaseStats) string {
 		return fmt.Sprintf("%d / %d", ps.LostReceiver+ps.LostSender, ps.Duplicates)
@@ -220,6 +230,10 @@ func reportHubs(h hubsResult, series *pgbenchResult) string {
 		p("| the series' bare send: pgbench on `bench/series_send.sql`, %d clients, prepared, %ds | %s tx/s (seconds from %s to %s; avg %.1f ms) | | |\n",
 			series.Clients, series.Seconds, num(series.TPS), num(series.MinTPS), num(series.MaxTPS), series.LatencyMs)
 		p("| the series' bare send: CPU per 1,000 transactions, PostgreSQL | %.2f s | | |\n", series.CPU.Postgres/series.TPS*1000)
+	}
+	if series != nil && after != nil {
+		p("| the series' bare send again, after the phases below | %s tx/s (seconds from %s to %s); the ratios below are to the mean, %s tx/s, and in brackets to either run | | |\n",
+			num(after.TPS), num(after.MinTPS), num(after.MaxTPS), num(tps))
 	}
 	c := h.Closed
 	p("| closed loop: %d senders, %s sends | %s msg/s, %s× the bare send | ≥ %.1f× | %s |\n",
