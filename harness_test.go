@@ -380,11 +380,12 @@ func (c *client) startConversation(other *client) apiConversation {
 	return conv
 }
 
-// send sends content to conversation and returns the message.
-func (c *client) send(conversation, content string) apiMessage {
+// send sends content to conversation, with headers ("Name: value") if any, and
+// returns the message.
+func (c *client) send(conversation, content string, headers ...string) apiMessage {
 	c.t.Helper()
 	var m apiMessage
-	c.mustDo("POST", "/api/conversations/"+conversation+"/messages", map[string]string{"content": content}, http.StatusCreated, &m)
+	c.mustDo("POST", "/api/conversations/"+conversation+"/messages", map[string]string{"content": content}, http.StatusCreated, &m, headers...)
 	return m
 }
 

@@ -320,18 +320,12 @@ func TestDeletedRowsTakeTheirEvents(t *testing.T) {
 	doomed, friend, other := ts.newUser(t, "doomed"), ts.newUser(t, "friend"), ts.newUser(t, "other")
 	gone := doomed.startConversation(friend)
 	kept := friend.startConversation(other)
-	send := func(c *client, conv, content string) apiMessage { // with an Idempotency-Key, as the web client sends
-		t.Helper()
-		var m apiMessage
-		c.mustDo("POST", "/api/conversations/"+conv+"/messages", map[string]string{"content": content},
-			http.StatusCreated, &m, "Idempotency-Key: "+randomHex(8))
-		return m
-	}
-	send(doomed, gone.ID, "from doomed")
-	send(friend, gone.ID, "to doomed")
+	key := func() string { return "Idempotency-Key: " + randomHex(8) } // as the web client sends
+	doomed.send(gone.ID, "from doomed", key())
+	friend.send(gone.ID, "to doomed", key())
 	friend.mustDo("POST", "/api/conversations/"+gone.ID+"/read_messages", nil, http.StatusNoContent, nil)
-	send(friend, kept.ID, "stays")
-	lost := send(other, kept.ID, "deleted alone")
+	friend.send(kept.ID, "stays", key())
+	lost := other.send(kept.ID, "deleted alone", key())
 
 	count := func(query string, args ...any) int {
 		t.Helper()
