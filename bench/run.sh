@@ -23,7 +23,8 @@
 #      publishers for BENCH_HUB_SATURATION_SECONDS. The first open loop and the
 #      saturation are profiled: the server's CPU (pprof, bench/out/pprof-*.txt)
 #      and PostgreSQL's wait events; then the series' bare send runs again (the
-#      ratios are to the mean of both runs), and bench/explain.sql times each
+#      ratios are to the mean of both runs), and paced at the open loops' two
+#      rates (the database's own latency there), and bench/explain.sql times each
 #      statement of a send inside PostgreSQL (bench/out/explain.txt).
 #
 # PostgreSQL is the one scripts/db.sh finds (DATABASE_URL, if set, names the
@@ -108,7 +109,7 @@ url=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$db#" <<<"$base")
 admin=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/postgres#" <<<"$base")
 
 mkdir -p "$out"
-rm -f "$out"/*.json "$out"/*.log "$out"/*.pprof "$out"/*.txt "$out/results.md"
+rm -f "$out"/*.json "$out"/*.log "$out"/*.pprof "$out"/*.txt "$out"/*-tx.* "$out/results.md"
 say "building the server and the load generator"
 go build -o "$out/messenger" .
 go build -o "$out/loadgen" ./bench/loadgen
@@ -172,11 +173,13 @@ say "the article series' tables, as many rows as the server's"
 PGOPTIONS="-c client_min_messages=warning" psql "$url" -v ON_ERROR_STOP=1 -q \
   -v users=$((users + setup_idle)) -v convs=$(((users + setup_idle) / 2)) -f bench/series_schema.sql >/dev/null
 
-pgbench_run() { # name script
+pgbench_run() { # name script [more loadgen pgbench flags]
+  local name=$1 script=$2
+  shift 2
   settle
-  say "pgbench $1: $2, $senders clients, ${pg_seconds}s"
-  "$out/loadgen" pgbench -name "$1" -script "$2" -clients "$senders" -threads 2 -seconds "$pg_seconds" -quiet-wait "$quiet_wait" \
-    -define "nconv=$((users / 2))" -url "$url" -db "$db" -out "$out/pgbench-$1.json"
+  say "pgbench $name: $script, $senders clients, ${pg_seconds}s $*"
+  "$out/loadgen" pgbench -name "$name" -script "$script" -clients "$senders" -threads 2 -seconds "$pg_seconds" -quiet-wait "$quiet_wait" \
+    -define "nconv=$((users / 2))" -url "$url" -db "$db" -out "$out/pgbench-$name.json" "$@"
 }
 # Warm-up: a few seconds of each send before anything is measured. The tables start
 # empty after the setup, and a session plans its statements (the foreign-key checks
@@ -213,6 +216,11 @@ stop_server
 # The bare send again: the machine's speed can move by half within minutes, and
 # the report takes the ratios to the mean of both runs, with the range.
 pgbench_run series-after bench/series_send.sql
+# The bare send paced at the open loops' rates: the database's own commit latency
+# there, the floor under their delivery.
+series_tps=$(sed -n 's/^  "tps": \([0-9.]*\),$/\1/p' "$out/pgbench-series.json")
+pgbench_run series-paced bench/series_send.sql -rate "$hub_rate"
+pgbench_run series-paced-half bench/series_send.sql -rate "$(awk -v t="$series_tps" 'BEGIN { printf "%.1f", t / 2 }')"
 # The server's CPU profiles: the top functions, and split into the steps of a send
 # (bench/pprof_steps.sh) per message sent at the phase's achieved rate.
 for phase in open saturation; do

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -66,7 +68,7 @@ func TestReportHubsVerdicts(t *testing.T) {
 	lost := ok
 	lost.LostReceiver, lost.Duplicates = 2, 1
 	md := reportHubs(hubsResult{Users: 200, Closed: ok, Open: ok, Saturation: lost,
-		Idle: idleStats{Streams: 5000, KBPerStream: 9.5}}, &pgbenchResult{Clients: 16, Seconds: 10, TPS: 1000}, nil)
+		Idle: idleStats{Streams: 5000, KBPerStream: 9.5}}, map[string]*pgbenchResult{"series": {Clients: 16, Seconds: 10, TPS: 1000}})
 	for _, want := range []string{
 		"| closed loop: 16 senders, 100 sends | 2,000 msg/s, 2.00× the bare send | ≥ 1.0× | pass |",
 		"| saturation: failed, lost / duplicated | 0, 2 / 1 | 0, 0 / 0 | **miss** |",
@@ -83,8 +85,9 @@ func TestReportHubsVerdicts(t *testing.T) {
 // the ratios are to their mean, with the range against either run.
 func TestReportHubsBareSendTwice(t *testing.T) {
 	ok := phaseStats{Senders: 16, Attempted: 100, Created: 100, PerSecond: 2000}
-	md := reportHubs(hubsResult{Users: 200, Closed: ok, Saturation: ok},
-		&pgbenchResult{Clients: 16, Seconds: 10, TPS: 1500}, &pgbenchResult{Clients: 16, Seconds: 10, TPS: 2500})
+	md := reportHubs(hubsResult{Users: 200, Closed: ok, Saturation: ok}, map[string]*pgbenchResult{
+		"series":       {Clients: 16, Seconds: 10, TPS: 1500},
+		"series-after": {Clients: 16, Seconds: 10, TPS: 2500}})
 	for _, want := range []string{
 		"| the series' bare send again, after the phases below | 2,500 tx/s",
 		"the ratios below are to the mean, 2,000 tx/s",
@@ -93,5 +96,61 @@ func TestReportHubsBareSendTwice(t *testing.T) {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)
 		}
+	}
+}
+
+// TestReportHubsCeilingAndFloor: the report sets the whole path's CPU per message
+// against the bare send's, and shows the bare send's own latency at the open
+// loop's rate.
+func TestReportHubsCeilingAndFloor(t *testing.T) {
+	closed := phaseStats{Senders: 16, Attempted: 100, Created: 100, PerSecond: 250,
+		CPU: cpuSplit{Seconds: 1, Server: 0.1, Postgres: 0.2, Load: 0.1}}
+	open := closed
+	open.TargetRate = 500
+	md := reportHubs(hubsResult{Users: 200, Closed: closed, Open: open}, map[string]*pgbenchResult{
+		"series":       {Clients: 16, Seconds: 10, TPS: 1000, CPU: cpuSplit{Postgres: 0.9, Load: 0.1}},
+		"series-paced": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 0.8, P99Ms: 2.5}})
+	for _, want := range []string{
+		"| 4.000 ms against 1.000 ms: at this cost the whole machine sends at most 0.25× the bare send |",
+		"| the bare send alone at 500 tx/s (pgbench -R, 16 clients, 10s): commit latency p50 / p99, from each transaction's start | 0.8 / 2.5 ms |",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+	if strings.Contains(md, "half the bare send") || strings.Contains(md, "saturation: CPU per message") {
+		t.Errorf("report has rows of phases that did not run:\n%s", md)
+	}
+}
+
+// TestTxLatencies reads pgbench's per-transaction logs of a paced run, one file a
+// thread, takes the schedule lag off each latency, and removes the files.
+func TestTxLatencies(t *testing.T) {
+	prefix := filepath.Join(t.TempDir(), "pgbench-x-tx")
+	// client_id transaction_no time script_no time_epoch time_us schedule_lag
+	write := func(name, lines string) {
+		if err := os.WriteFile(name, []byte(lines), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(prefix+".77", "0 0 1500 0 1700000000 1 500\n1 0 2000 0 1700000000 2 0\n")
+	write(prefix+".77.1", "2 0 3000 0 1700000000 3 0\n3 0 10000 0 1700000000 4 6000\n")
+	p50, p99, err := txLatencies(prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// From the actual start: 1.0, 2.0, 3.0 and 4.0 ms.
+	if p50 != 2 || p99 != 4 {
+		t.Errorf("p50, p99 = %v, %v; want 2, 4", p50, p99)
+	}
+	if left, _ := filepath.Glob(prefix + ".*"); len(left) != 0 {
+		t.Errorf("logs left behind: %v", left)
+	}
+	write(prefix+".78", "0 0 1500 0 1700000000 1\n")
+	if _, _, err := txLatencies(prefix); err == nil {
+		t.Error("a log without schedule lag (a run without -R) was read")
+	}
+	if _, _, err := txLatencies(prefix); err == nil {
+		t.Error("no log at all was read")
 	}
 }

@@ -3,9 +3,11 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -24,6 +26,12 @@ type pgbenchResult struct {
 	MaxTPS    float64  `json:"maxTPS"`    // the fastest second
 	Failed    int      `json:"failed"`
 	CPU       cpuSplit `json:"cpu"`
+	// With -rate: the schedule, and the latency of each transaction from its
+	// actual start (pgbench's schedule lag left out, as the load generator's open
+	// loops measure from each send's actual start), from pgbench's per-transaction log.
+	Rate  float64 `json:"rate,omitempty"`
+	P50Ms float64 `json:"p50Ms,omitempty"`
+	P99Ms float64 `json:"p99Ms,omitempty"`
 }
 
 var (
@@ -46,6 +54,7 @@ func runPgbench(ctx context.Context, args []string) error {
 	threads := fs.Int("threads", 2, "pgbench threads")
 	seconds := fs.Int("seconds", 10, "length of the run")
 	define := fs.String("define", "", "a variable for the script, name=value")
+	rate := fs.Float64("rate", 0, "transactions a second, in all (pgbench -R), with latency percentiles; 0: as fast as it goes")
 	url := fs.String("url", "", "the database, as a URL")
 	db := fs.String("db", "messenger_bench", "the database's name, for PostgreSQL's CPU time")
 	out := fs.String("out", "", "where to write the result")
@@ -63,6 +72,10 @@ func runPgbench(ctx context.Context, args []string) error {
 		"-T", strconv.Itoa(*seconds), "-f", *script}
 	if *define != "" {
 		cmdArgs = append(cmdArgs, "-D", *define)
+	}
+	txLog := strings.TrimSuffix(*out, ".json") + "-tx"
+	if *rate > 0 {
+		cmdArgs = append(cmdArgs, "-R", strconv.FormatFloat(*rate, 'f', 1, 64), "-l", "--log-prefix", txLog)
 	}
 	cmdArgs = append(cmdArgs, *url)
 	if _, err := quiet.wait(); err != nil {
@@ -108,6 +121,14 @@ func runPgbench(ctx context.Context, args []string) error {
 	if m := failedLine.FindSubmatch(output.Bytes()); m != nil {
 		res.Failed, _ = strconv.Atoi(string(m[1]))
 	}
+	if *rate > 0 {
+		res.Rate = *rate
+		if res.P50Ms, res.P99Ms, err = txLatencies(txLog); err != nil {
+			return fmt.Errorf("pgbench %s: %w", *name, err)
+		}
+		logf("pgbench %s at %.0f tx/s: latency p50 %.2f ms, p99 %.2f ms (from each transaction's actual start)",
+			*name, *rate, res.P50Ms, res.P99Ms)
+	}
 	for i, m := range progress.FindAllSubmatch(output.Bytes(), -1) {
 		tps, _ := strconv.ParseFloat(string(m[1]), 64)
 		if i == 0 || tps < res.MinTPS {
@@ -118,4 +139,37 @@ func runPgbench(ctx context.Context, args []string) error {
 	logf("pgbench %s: %.0f tx/s (seconds from %.0f to %.0f), avg latency %.1f ms, %d failed; output in %s",
 		*name, res.TPS, res.MinTPS, res.MaxTPS, res.LatencyMs, res.Failed, logPath)
 	return writeJSON(*out, res)
+}
+
+// txLatencies reads pgbench's per-transaction logs (prefix.PID, and prefix.PID.N
+// for its other threads), removes them, and returns the p50 and p99 of the
+// transactions' latencies in ms, each from the transaction's actual start. Under
+// -R a line is "client_id transaction_no time script_no time_epoch time_us
+// schedule_lag", time counted from the scheduled start, so the lag comes off.
+func txLatencies(prefix string) (p50, p99 float64, err error) {
+	files, err := filepath.Glob(prefix + ".*")
+	if err != nil || len(files) == 0 {
+		return 0, 0, fmt.Errorf("no per-transaction log %s.*", prefix)
+	}
+	var took []time.Duration
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return 0, 0, err
+		}
+		os.Remove(f)
+		for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			fields := strings.Fields(line)
+			if len(fields) < 7 {
+				return 0, 0, fmt.Errorf("%s: %q: want 7 fields (a log of a run with -R)", f, line)
+			}
+			total, err1 := strconv.ParseInt(fields[2], 10, 64)
+			lag, err2 := strconv.ParseInt(fields[6], 10, 64)
+			if err := errors.Join(err1, err2); err != nil {
+				return 0, 0, fmt.Errorf("%s: %q: %w", f, line, err)
+			}
+			took = append(took, time.Duration(total-lag)*time.Microsecond)
+		}
+	}
+	return ms(percentile(took, 50)), ms(percentile(took, 99)), nil
 }

@@ -39,7 +39,7 @@ func runReport(args []string) error {
 		return err
 	}
 	runs := map[string]*pgbenchResult{}
-	for _, name := range []string{"send", "notify-intx", "notify-after", "series", "series-after"} {
+	for _, name := range []string{"send", "notify-intx", "notify-after", "series", "series-after", "series-paced", "series-paced-half"} {
 		var r pgbenchResult
 		err := readJSON(filepath.Join(*dir, "pgbench-"+name+".json"), &r)
 		if errors.Is(err, fs.ErrNotExist) && name != "send" {
@@ -55,7 +55,7 @@ func runReport(args []string) error {
 	err := readJSON(filepath.Join(*dir, "hubs.json"), &hubs)
 	switch {
 	case err == nil:
-		md += reportHubs(hubs, runs["series"], runs["series-after"])
+		md += reportHubs(hubs, runs)
 	case !errors.Is(err, fs.ErrNotExist):
 		return err
 	}
@@ -194,11 +194,15 @@ const (
 )
 
 // reportHubs is the table of issue 15's shapes: against the article series' bare
-// send (pgbench in the same run), and those of the realtime hubs comparison. With
-// after, the bare send run again once the server's phases are over, the ratios are
-// to the mean of the two, each ratio followed by its range against either run: on
-// a shared machine the speed of both can move by half between them.
-func reportHubs(h hubsResult, series, after *pgbenchResult) string {
+// send (pgbench in the same run: runs["series"]), and those of the realtime hubs
+// comparison. With runs["series-after"], the bare send run again once the server's
+// phases are over, the ratios are to the mean of the two, each ratio followed by
+// its range against either run: on a shared machine the speed of both can move by
+// half between them. runs["series-paced"] and runs["series-paced-half"], the bare
+// send paced at the open loops' rates, are the database's own latency there: the
+// floor under the open loops' delivery.
+func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
+	series, after := runs["series"], runs["series-after"]
 	var b strings.Builder
 	p := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
 	tps := h.SeriesTPS
@@ -242,14 +246,28 @@ func reportHubs(h hubsResult, series, after *pgbenchResult) string {
 		c.SendP50, c.SendP99, c.DeliveryP50, c.DeliveryP99, c.DeliveryMax)
 	srv, pg := c.cpuPer1000()
 	p("| closed loop: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f s | | |\n", srv, pg)
+	ceiling := func(phase string, ps phaseStats) {
+		if series == nil || series.TPS <= 0 || ps.Created == 0 {
+			return
+		}
+		bare := (series.CPU.Postgres + series.CPU.Load) / series.TPS * 1000
+		ours := (ps.CPU.Server + ps.CPU.Postgres + ps.CPU.Load) * ps.CPU.Seconds / float64(ps.Created) * 1000
+		p("| %s: CPU per message of the whole path (server + PostgreSQL + load generator), against the bare send's (PostgreSQL + pgbench) | %.3f ms against %.3f ms: at this cost the whole machine sends at most %.2f× the bare send | | |\n",
+			phase, ours, bare, bare/ours)
+	}
+	ceiling("closed loop", c)
 	p("| closed loop: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", c.Failed, lostDup(c), verdict(ok(c)))
 	i := h.Idle
 	p("| idle streams: %s, VmRSS %s → %s KB | %.1f KB a stream (Go heap %.1f, stacks %.1f) | ≤ %.1f KB | %s |\n",
 		num(float64(i.Streams)), num(float64(i.RSSBeforeKB)), num(float64(i.RSSAfterKB)), i.KBPerStream,
 		i.HeapKBPerStream, i.StackKBPerStream, goalKBPerIdle, verdict(i.KBPerStream <= goalKBPerIdle))
-	for _, o := range []phaseStats{h.Open, h.OpenHalf} {
+	for i, o := range []phaseStats{h.Open, h.OpenHalf} {
 		if o.TargetRate == 0 {
 			continue
+		}
+		if floor := runs[[]string{"series-paced", "series-paced-half"}[i]]; floor != nil {
+			p("| the bare send alone at %s tx/s (pgbench -R, %d clients, %ds): commit latency p50 / p99, from each transaction's start | %.1f / %.1f ms | | |\n",
+				num(floor.Rate), floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms)
 		}
 		srv, pg := o.cpuPer1000()
 		p("| open loop at %s msg/s (%.0f achieved), %d streams: delivery p50 / p99 / max | %.1f / %.1f / %.1f ms | ≤ %.1f / ≤ %.0f ms | %s |\n",
@@ -267,6 +285,7 @@ func reportHubs(h hubsResult, series, after *pgbenchResult) string {
 	p("| saturation: send p50 / p99; delivery p50 / p99 | %.1f / %.1f ms; %.1f / %.1f ms | | |\n",
 		s.SendP50, s.SendP99, s.DeliveryP50, s.DeliveryP99)
 	p("| saturation: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f s | | |\n", srv, pg)
+	ceiling("saturation", s)
 	p("| saturation: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", s.Failed, lostDup(s), verdict(ok(s)))
 	p("| streams reconnected / failed | %d / %d | 0 / 0 | %s |\n", h.Reconnects, h.Failures, verdict(h.Failures == 0))
 
