@@ -266,7 +266,7 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 			continue
 		}
 		if floor := runs[[]string{"series-paced", "series-paced-half"}[i]]; floor != nil {
-			p("| the bare send alone at %s tx/s (pgbench -R, %d clients, %ds): commit latency p50 / p99, from each transaction's start | %.1f / %.1f ms | | |\n",
+			p("| the bare send alone at %s tx/s (pgbench -R, %d clients, %ds): latency p50 / p99, from each transaction's scheduled start | %.1f / %.1f ms | | |\n",
 				num(floor.Rate), floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms)
 		}
 		srv, pg := o.cpuPer1000()
