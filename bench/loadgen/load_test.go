@@ -108,11 +108,12 @@ func TestReportHubsCeilingAndFloor(t *testing.T) {
 	open := closed
 	open.TargetRate = 500
 	md := reportHubs(hubsResult{Users: 200, Closed: closed, Open: open}, map[string]*pgbenchResult{
-		"series":       {Clients: 16, Seconds: 10, TPS: 1000, CPU: cpuSplit{Postgres: 0.9, Load: 0.1}},
-		"series-paced": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 0.8, P99Ms: 2.5}})
+		"series": {Clients: 16, Seconds: 10, TPS: 1000, CPU: cpuSplit{Postgres: 0.9, Load: 0.1}},
+		"series-paced": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 0.8, P99Ms: 2.5, TPS: 500,
+			CPU: cpuSplit{Postgres: 0.25, Load: 0.1}}})
 	for _, want := range []string{
 		"| 4.000 ms against 1.000 ms: at this cost the whole machine sends at most 0.25× the bare send |",
-		"| the bare send alone at 500 tx/s (pgbench -R, 16 clients, 10s): latency p50 / p99, from each transaction's scheduled start | 0.8 / 2.5 ms |",
+		"| the bare send alone at 500 tx/s (pgbench -R, 16 clients, 10s): latency p50 / p99, from each transaction's scheduled start; CPU | 0.8 / 2.5 ms; CPU per 1,000 transactions 0.50 s PostgreSQL + 0.20 s pgbench |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)

@@ -266,8 +266,13 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 			continue
 		}
 		if floor := runs[[]string{"series-paced", "series-paced-half"}[i]]; floor != nil {
-			p("| the bare send alone at %s tx/s (pgbench -R, %d clients, %ds): latency p50 / p99, from each transaction's scheduled start | %.1f / %.1f ms | | |\n",
-				num(floor.Rate), floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms)
+			cpu := ""
+			if floor.TPS > 0 {
+				cpu = fmt.Sprintf("; CPU per 1,000 transactions %.2f s PostgreSQL + %.2f s pgbench",
+					floor.CPU.Postgres/floor.TPS*1000, floor.CPU.Load/floor.TPS*1000)
+			}
+			p("| the bare send alone at %s tx/s (pgbench -R, %d clients, %ds): latency p50 / p99, from each transaction's scheduled start; CPU | %.1f / %.1f ms%s | | |\n",
+				num(floor.Rate), floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms, cpu)
 		}
 		srv, pg := o.cpuPer1000()
 		p("| open loop at %s msg/s (%.0f achieved), %d streams: delivery p50 / p99 / max | %.1f / %.1f / %.1f ms | ≤ %.1f / ≤ %.0f ms | %s |\n",
