@@ -252,7 +252,10 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 		}
 		bare := (series.CPU.Postgres + series.CPU.Load) / series.TPS * 1000
 		ours := (ps.CPU.Server + ps.CPU.Postgres + ps.CPU.Load) * ps.CPU.Seconds / float64(ps.Created) * 1000
-		p("| %s: CPU per message of the whole path (server + PostgreSQL + load generator), against the bare send's (PostgreSQL + pgbench) | %.3f ms against %.3f ms: at this cost the whole machine sends at most %.2f× the bare send | | |\n",
+		if ours <= 0 {
+			return
+		}
+		p("| %s: CPU per message of the whole path (server + PostgreSQL + load generator), against the bare send's (PostgreSQL + pgbench) | %.3f ms against %.3f ms: filled at this cost, the machine would send %.2f× the bare send | | |\n",
 			phase, ours, bare, bare/ours)
 	}
 	ceiling("closed loop", c)
