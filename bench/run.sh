@@ -24,7 +24,8 @@
 #      saturation are profiled: the server's CPU (pprof, bench/out/pprof-*.txt)
 #      and PostgreSQL's wait events; then the series' bare send runs again (the
 #      ratios are to the mean of both runs), and paced at the open loops' two
-#      rates (the database's own latency there), and bench/explain.sql times each
+#      rates by pgbench -R and by loadgen bare (the database's own latency
+#      there), and bench/explain.sql times each
 #      statement of a send inside PostgreSQL (bench/out/explain.txt).
 #
 # PostgreSQL is the one scripts/db.sh finds (DATABASE_URL, if set, names the
@@ -109,7 +110,7 @@ url=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/$db#" <<<"$base")
 admin=$(sed -E "s#^(postgres(ql)?://[^/?]*)(/[^?]*)?#\1/postgres#" <<<"$base")
 
 mkdir -p "$out"
-rm -f "$out"/*.json "$out"/*.log "$out"/*.pprof "$out"/*.txt "$out"/*-tx.* "$out/results.md"
+rm -f "$out"/*.json "$out"/*.log "$out"/*.pprof "$out"/*.txt "$out/results.md"
 say "building the server and the load generator"
 go build -o "$out/messenger" .
 go build -o "$out/loadgen" ./bench/loadgen
@@ -216,11 +217,25 @@ stop_server
 # The bare send again: the machine's speed can move by half within minutes, and
 # the report takes the ratios to the mean of both runs, with the range.
 pgbench_run series-after bench/series_send.sql
-# The bare send paced at the open loops' rates: the database's own commit latency
-# there, the floor under their delivery.
+# The bare send alone at the open loops' rates, the database's own latency there:
+# by pgbench -R (arrivals at random), and by loadgen bare on the open loops' own
+# even schedule, from each transaction's scheduled time.
+bare_run() { # name rate
+  settle
+  say "bare send $1: loadgen bare at $2 tx/s, $senders clients, ${pg_seconds}s"
+  "$out/loadgen" bare -name "$1" -rate "$2" -clients "$senders" -seconds "$pg_seconds" -quiet-wait "$quiet_wait" \
+    -conversations "$((users / 2))" -url "$url" -db "$db" -out "$out/pgbench-$1.json"
+}
 series_tps=$(sed -n 's/^  "tps": \([0-9.]*\),$/\1/p' "$out/pgbench-series.json")
+if ! [[ $series_tps =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+  say "no tps in $out/pgbench-series.json"
+  exit 1
+fi
+half_rate=$(awk -v t="$series_tps" 'BEGIN { printf "%.1f", t / 2 }')
 pgbench_run series-paced bench/series_send.sql -rate "$hub_rate"
-pgbench_run series-paced-half bench/series_send.sql -rate "$(awk -v t="$series_tps" 'BEGIN { printf "%.1f", t / 2 }')"
+bare_run series-even "$hub_rate"
+pgbench_run series-paced-half bench/series_send.sql -rate "$half_rate"
+bare_run series-even-half "$half_rate"
 # The server's CPU profiles: the top functions, and split into the steps of a send
 # (bench/pprof_steps.sh) per message sent at the phase's achieved rate.
 for phase in open saturation; do

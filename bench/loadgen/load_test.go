@@ -10,7 +10,7 @@ import (
 )
 
 // drain counts the tokens of a schedule until it is closed, failing after limit.
-func drain(t *testing.T, jobs <-chan struct{}, limit time.Duration) int {
+func drain(t *testing.T, jobs <-chan time.Time, limit time.Duration) int {
 	t.Helper()
 	n := 0
 	deadline := time.After(limit)
@@ -29,13 +29,12 @@ func drain(t *testing.T, jobs <-chan struct{}, limit time.Duration) int {
 
 func TestScheduleShapes(t *testing.T) {
 	ctx := context.Background()
-	l := &loadRun{}
-	if n := drain(t, l.schedule(ctx, phaseSpec{count: 7}, time.Now()), 5*time.Second); n != 7 {
+	if n := drain(t, schedule(ctx, phaseSpec{count: 7}, time.Now()), 5*time.Second); n != 7 {
 		t.Errorf("closed loop of 7 sends: %d tokens", n)
 	}
 	// An open loop of 200 a second for 0.1 s: 20 tokens, spread over about 0.1 s.
 	begin := time.Now()
-	if n := drain(t, l.schedule(ctx, phaseSpec{rate: 200, duration: 100 * time.Millisecond}, begin), 5*time.Second); n != 20 {
+	if n := drain(t, schedule(ctx, phaseSpec{rate: 200, duration: 100 * time.Millisecond}, begin), 5*time.Second); n != 20 {
 		t.Errorf("open loop: %d tokens, want 20", n)
 	}
 	if took := time.Since(begin); took < 90*time.Millisecond {
@@ -44,7 +43,7 @@ func TestScheduleShapes(t *testing.T) {
 	// A closed loop for a duration hands out tokens as fast as they are taken, and
 	// stops when the time is up.
 	begin = time.Now()
-	n := drain(t, l.schedule(ctx, phaseSpec{duration: 100 * time.Millisecond}, begin), 5*time.Second)
+	n := drain(t, schedule(ctx, phaseSpec{duration: 100 * time.Millisecond}, begin), 5*time.Second)
 	if n == 0 || time.Since(begin) < 100*time.Millisecond {
 		t.Errorf("closed loop for 0.1 s: %d tokens in %v", n, time.Since(begin))
 	}
@@ -107,36 +106,47 @@ func TestReportHubsCeilingAndFloor(t *testing.T) {
 		CPU: cpuSplit{Seconds: 1, Server: 0.1, Postgres: 0.2, Load: 0.1}}
 	open := closed
 	open.TargetRate = 500
+	half := closed
+	half.TargetRate = 250
 	noCPU := phaseStats{Senders: 32, Created: 100, PerSecond: 100} // its CPU not sampled
-	md := reportHubs(hubsResult{Users: 200, Closed: closed, Open: open, Saturation: noCPU}, map[string]*pgbenchResult{
+	md := reportHubs(hubsResult{Users: 200, Closed: closed, Open: open, OpenHalf: half, Saturation: noCPU}, map[string]*pgbenchResult{
 		"series": {Clients: 16, Seconds: 10, TPS: 1000, CPU: cpuSplit{Postgres: 0.9, Load: 0.1}},
 		"series-paced": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 0.8, P99Ms: 2.5, TPS: 500,
-			CPU: cpuSplit{Postgres: 0.25, Load: 0.1}}})
+			CPU: cpuSplit{Postgres: 0.25, Load: 0.1}},
+		"series-even": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 1, P99Ms: 3, TPS: 490,
+			CPU: cpuSplit{Postgres: 0.24, Load: 0.14}},
+		// Not paced (an old result, or a run without -rate): no row.
+		"series-paced-half": {Clients: 16, Seconds: 10, TPS: 3000}})
 	for _, want := range []string{
 		"| 4.000 ms against 1.000 ms: filled at this cost, the machine would send 0.25× the bare send |",
-		"| the bare send alone at 500 tx/s (pgbench -R, 16 clients, 10s): latency p50 / p99, from each transaction's scheduled start; CPU | 0.8 / 2.5 ms; CPU per 1,000 transactions 0.50 s PostgreSQL + 0.20 s pgbench |",
+		"| the bare send alone at 500 tx/s (pgbench -R: arrivals at random; 16 clients, 10s): latency p50 / p99, from each transaction's scheduled start; achieved rate; CPU per 1,000 transactions | 0.8 / 2.5 ms; 500 tx/s; 0.50 s PostgreSQL + 0.20 s the client |",
+		"| the bare send alone at 500 tx/s (loadgen bare: evenly spaced, as the open loop; 16 clients, 10s): latency p50 / p99, from each transaction's scheduled start; achieved rate; CPU per 1,000 transactions | 1.0 / 3.0 ms; 490 tx/s; 0.49 s PostgreSQL + 0.29 s the client |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)
 		}
 	}
-	if strings.Contains(md, "half the bare send") || strings.Contains(md, "saturation: CPU per message") {
-		t.Errorf("report has rows of phases that did not run or have no CPU:\n%s", md)
+	if strings.Contains(md, "saturation: CPU per message") {
+		t.Errorf("report has a CPU row of a phase whose CPU was not sampled:\n%s", md)
+	}
+	if strings.Count(md, "the bare send alone at") != 2 {
+		t.Errorf("report has a row for a bare send that was not paced:\n%s", md)
 	}
 }
 
 // TestTxLatencies reads pgbench's per-transaction logs of a paced run, one file a
-// thread, and removes the files.
+// thread, with each latency counted from the transaction's scheduled start, and
+// leaves failed transactions out.
 func TestTxLatencies(t *testing.T) {
-	prefix := filepath.Join(t.TempDir(), "pgbench-x-tx")
+	prefix := filepath.Join(t.TempDir(), "tx")
 	// client_id transaction_no time script_no time_epoch time_us schedule_lag
 	write := func(name, lines string) {
 		if err := os.WriteFile(name, []byte(lines), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
-	write(prefix+".77", "0 0 1000 0 1700000000 1 500\n1 0 2000 0 1700000000 2 0\n")
-	write(prefix+".77.1", "2 0 3000 0 1700000000 3 0\n3 0 4000 0 1700000000 4 3000\n")
+	write(prefix+".77", "0 0 1000 0 1700000000 1 500\n1 0 2000 0 1700000000 2 0\n\n")
+	write(prefix+".77.1", "2 0 3000 0 1700000000 3 0\n3 0 failed 0 1700000000 4 0\n3 1 4000 0 1700000000 5 3000\n")
 	p50, p99, err := txLatencies(prefix)
 	if err != nil {
 		t.Fatal(err)
@@ -145,14 +155,52 @@ func TestTxLatencies(t *testing.T) {
 	if p50 != 2 || p99 != 4 {
 		t.Errorf("p50, p99 = %v, %v; want 2, 4", p50, p99)
 	}
-	if left, _ := filepath.Glob(prefix + ".*"); len(left) != 0 {
-		t.Errorf("logs left behind: %v", left)
-	}
 	write(prefix+".78", "0 0 1500 0 1700000000 1\n")
 	if _, _, err := txLatencies(prefix); err == nil {
 		t.Error("a log without schedule lag (a run without -R) was read")
 	}
-	if _, _, err := txLatencies(prefix); err == nil {
+	if _, _, err := txLatencies(filepath.Join(t.TempDir(), "tx")); err == nil {
 		t.Error("no log at all was read")
+	}
+	only := filepath.Join(t.TempDir(), "tx")
+	write(only+".79", "0 0 failed 0 1700000000 1 0\n")
+	if _, _, err := txLatencies(only); err == nil {
+		t.Error("a log of failed transactions only gave latencies")
+	}
+}
+
+// TestScheduleReleaseTimes: an open loop's tokens carry the time each was
+// released, at or after its due time; a closed loop's carry none; and a send
+// counts as started at its release, so that a wait for a free worker is part of
+// its latency.
+func TestScheduleReleaseTimes(t *testing.T) {
+	begin := time.Now()
+	var got []time.Time
+	for released := range schedule(context.Background(), phaseSpec{rate: 200, duration: 50 * time.Millisecond}, begin) {
+		got = append(got, released)
+	}
+	if len(got) != 10 {
+		t.Fatalf("%d tokens, want 10", len(got))
+	}
+	for i, released := range got {
+		if due := begin.Add(time.Duration(i) * 5 * time.Millisecond); released.Before(due) {
+			t.Errorf("token %d released %v after begin, before its due time %v", i, released.Sub(begin), due.Sub(begin))
+		}
+	}
+	for released := range schedule(context.Background(), phaseSpec{count: 3}, begin) {
+		if !released.IsZero() {
+			t.Errorf("a closed loop's token carries %v", released)
+		}
+	}
+	now := time.Now()
+	late := now.Add(-20 * time.Millisecond)
+	if s := startOf(late, now); !s.Equal(late) {
+		t.Errorf("a send released 20 ms ago starts %v ago, want at its release", now.Sub(s))
+	}
+	if s := startOf(time.Time{}, now); !s.Equal(now) {
+		t.Error("a closed loop's send does not start when it is taken")
+	}
+	if s := startOf(now.Add(time.Second), now); !s.Equal(now) {
+		t.Error("a send released in the future starts in the future")
 	}
 }

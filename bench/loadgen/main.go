@@ -50,13 +50,15 @@ func main() {
 
 func run(ctx context.Context, args []string) error {
 	if len(args) == 0 {
-		return errors.New("usage: loadgen setup|pgbench|load|hubs|report|quiet|flood|idle [flags]")
+		return errors.New("usage: loadgen setup|pgbench|bare|load|hubs|report|quiet|flood|idle [flags]")
 	}
 	switch args[0] {
 	case "setup":
 		return runSetup(ctx, args[1:])
 	case "pgbench":
 		return runPgbench(ctx, args[1:])
+	case "bare":
+		return runBare(ctx, args[1:])
 	case "load":
 		return runLoad(ctx, args[1:])
 	case "hubs":
@@ -70,7 +72,7 @@ func run(ctx context.Context, args []string) error {
 	case "idle":
 		return runIdle(ctx, args[1:])
 	}
-	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, load, hubs, report, quiet, flood or idle", args[0])
+	return fmt.Errorf("unknown subcommand %q: want setup, pgbench, bare, load, hubs, report, quiet, flood or idle", args[0])
 }
 
 // newFlags returns the flag set of a subcommand.

@@ -72,8 +72,14 @@ func runPgbench(ctx context.Context, args []string) error {
 	if *define != "" {
 		cmdArgs = append(cmdArgs, "-D", *define)
 	}
-	txLog := strings.TrimSuffix(*out, ".json") + "-tx"
+	var txLog string // with -rate: pgbench's per-transaction logs, in a directory of their own
 	if *rate > 0 {
+		dir, err := os.MkdirTemp("", "loadgen-pgbench-")
+		if err != nil {
+			return err
+		}
+		defer os.RemoveAll(dir)
+		txLog = filepath.Join(dir, "tx")
 		cmdArgs = append(cmdArgs, "-R", strconv.FormatFloat(*rate, 'f', 1, 64), "-l", "--log-prefix", txLog)
 	}
 	cmdArgs = append(cmdArgs, *url)
@@ -141,12 +147,14 @@ func runPgbench(ctx context.Context, args []string) error {
 }
 
 // txLatencies reads pgbench's per-transaction logs (prefix.PID, and prefix.PID.N
-// for its other threads), removes them, and returns the p50 and p99 of the
+// for its other threads) and returns the p50 and p99 of the committed
 // transactions' latencies in ms. Under -R a line is "client_id transaction_no
 // time script_no time_epoch time_us schedule_lag", time counted from the
 // transaction's scheduled start: a transaction that waited for a free client
-// counts its wait, as a send of the load generator's open loops that waits in
-// the server's queue does.
+// counts its wait, as a send of the load generator's open loops that waits for a
+// free worker does. A failed transaction has a word in place of its time
+// ("failed", "serialization", "deadlock"): pgbench counts those, and they are
+// left out here.
 func txLatencies(prefix string) (p50, p99 float64, err error) {
 	files, err := filepath.Glob(prefix + ".*")
 	if err != nil || len(files) == 0 {
@@ -158,18 +166,23 @@ func txLatencies(prefix string) (p50, p99 float64, err error) {
 		if err != nil {
 			return 0, 0, err
 		}
-		os.Remove(f)
-		for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		for _, line := range strings.Split(string(b), "\n") {
 			fields := strings.Fields(line)
+			if len(fields) == 0 {
+				continue
+			}
 			if len(fields) < 7 {
 				return 0, 0, fmt.Errorf("%s: %q: want 7 fields (a log of a run with -R)", f, line)
 			}
 			us, err := strconv.ParseInt(fields[2], 10, 64)
 			if err != nil {
-				return 0, 0, fmt.Errorf("%s: %q: %w", f, line, err)
+				continue // a failed transaction
 			}
 			took = append(took, time.Duration(us)*time.Microsecond)
 		}
+	}
+	if len(took) == 0 {
+		return 0, 0, fmt.Errorf("no committed transaction in %s.*", prefix)
 	}
 	return ms(percentile(took, 50)), ms(percentile(took, 99)), nil
 }

@@ -39,7 +39,7 @@ func runReport(args []string) error {
 		return err
 	}
 	runs := map[string]*pgbenchResult{}
-	for _, name := range []string{"send", "notify-intx", "notify-after", "series", "series-after", "series-paced", "series-paced-half"} {
+	for _, name := range []string{"send", "notify-intx", "notify-after", "series", "series-after", "series-paced", "series-paced-half", "series-even", "series-even-half"} {
 		var r pgbenchResult
 		err := readJSON(filepath.Join(*dir, "pgbench-"+name+".json"), &r)
 		if errors.Is(err, fs.ErrNotExist) && name != "send" {
@@ -198,9 +198,10 @@ const (
 // comparison. With runs["series-after"], the bare send run again once the server's
 // phases are over, the ratios are to the mean of the two, each ratio followed by
 // its range against either run: on a shared machine the speed of both can move by
-// half between them. runs["series-paced"] and runs["series-paced-half"], the bare
-// send paced at the open loops' rates, are the database's own latency there: the
-// floor under the open loops' delivery.
+// half between them. The bare send paced at the open loops' rates, by pgbench -R
+// (runs["series-paced"], runs["series-paced-half"]) and by loadgen bare on the open
+// loops' own schedule (runs["series-even"], runs["series-even-half"]), is the
+// database's own latency there.
 func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 	series, after := runs["series"], runs["series-after"]
 	var b strings.Builder
@@ -250,10 +251,12 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 		if series == nil || series.TPS <= 0 || ps.Created == 0 {
 			return
 		}
+		// Against the first run of the bare send, the one whose CPU the ratios'
+		// mean also starts from.
 		bare := (series.CPU.Postgres + series.CPU.Load) / series.TPS * 1000
 		ours := (ps.CPU.Server + ps.CPU.Postgres + ps.CPU.Load) * ps.CPU.Seconds / float64(ps.Created) * 1000
-		if ours <= 0 {
-			return
+		if ours <= 0 || bare <= 0 {
+			return // a CPU not sampled
 		}
 		p("| %s: CPU per message of the whole path (server + PostgreSQL + load generator), against the bare send's (PostgreSQL + pgbench) | %.3f ms against %.3f ms: filled at this cost, the machine would send %.2f× the bare send | | |\n",
 			phase, ours, bare, bare/ours)
@@ -268,14 +271,18 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 		if o.TargetRate == 0 {
 			continue
 		}
-		if floor := runs[[]string{"series-paced", "series-paced-half"}[i]]; floor != nil {
-			cpu := ""
-			if floor.TPS > 0 {
-				cpu = fmt.Sprintf("; CPU per 1,000 transactions %.2f s PostgreSQL + %.2f s pgbench",
-					floor.CPU.Postgres/floor.TPS*1000, floor.CPU.Load/floor.TPS*1000)
+		suffix := []string{"", "-half"}[i]
+		for _, f := range []struct{ name, how string }{
+			{"series-paced" + suffix, "pgbench -R: arrivals at random"},
+			{"series-even" + suffix, "loadgen bare: evenly spaced, as the open loop"},
+		} {
+			floor := runs[f.name]
+			if floor == nil || floor.Rate <= 0 || floor.TPS <= 0 {
+				continue
 			}
-			p("| the bare send alone at %s tx/s (pgbench -R, %d clients, %ds): latency p50 / p99, from each transaction's scheduled start; CPU | %.1f / %.1f ms%s | | |\n",
-				num(floor.Rate), floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms, cpu)
+			p("| the bare send alone at %s tx/s (%s; %d clients, %ds): latency p50 / p99, from each transaction's scheduled start; achieved rate; CPU per 1,000 transactions | %.1f / %.1f ms; %s tx/s; %.2f s PostgreSQL + %.2f s the client | | |\n",
+				num(floor.Rate), f.how, floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms, num(floor.TPS),
+				floor.CPU.Postgres/floor.TPS*1000, floor.CPU.Load/floor.TPS*1000)
 		}
 		srv, pg := o.cpuPer1000()
 		p("| open loop at %s msg/s (%.0f achieved), %d streams: delivery p50 / p99 / max | %.1f / %.1f / %.1f ms | ≤ %.1f / ≤ %.0f ms | %s |\n",
