@@ -218,8 +218,9 @@ stop_server
 # the report takes the ratios to the mean of both runs, with the range.
 pgbench_run series-after bench/series_send.sql
 # The bare send alone at the open loops' rates, the database's own latency there:
-# by pgbench -R (arrivals at random), and by loadgen bare on the open loops' own
-# even schedule, from each transaction's scheduled time.
+# by pgbench -R (arrivals at random; latency from each transaction's scheduled
+# start), and by loadgen bare on the open loops' own even schedule (latency from
+# each transaction's release, as the open loops count theirs).
 bare_run() { # name rate
   settle
   say "bare send $1: loadgen bare at $2 tx/s, $senders clients, ${pg_seconds}s"
@@ -227,8 +228,8 @@ bare_run() { # name rate
     -conversations "$((users / 2))" -url "$url" -db "$db" -out "$out/pgbench-$1.json"
 }
 series_tps=$(sed -n 's/^  "tps": \([0-9.]*\),$/\1/p' "$out/pgbench-series.json")
-if ! [[ $series_tps =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
-  say "no tps in $out/pgbench-series.json"
+if ! [[ $series_tps =~ ^[0-9]+(\.[0-9]+)?$ ]] || ! awk -v t="$series_tps" 'BEGIN { exit !(t > 0) }'; then
+  say "no tps above 0 in $out/pgbench-series.json"
   exit 1
 fi
 half_rate=$(awk -v t="$series_tps" 'BEGIN { printf "%.1f", t / 2 }')

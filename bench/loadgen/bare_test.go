@@ -32,6 +32,9 @@ func TestBare(t *testing.T) {
 	}
 	defer admin.Exec(`DROP DATABASE IF EXISTS ` + name + ` WITH (FORCE)`)
 	url := regexp.MustCompile(`^(postgres(ql)?://[^/?]*)(/[^?]*)?`).ReplaceAllString(base, "${1}/"+name)
+	if !strings.Contains(url, "/"+name) {
+		t.Fatalf("DATABASE_URL %q is not a postgres:// URL whose database can be replaced", base)
+	}
 	db, err := sql.Open("postgres", url)
 	if err != nil {
 		t.Fatal(err)
@@ -66,20 +69,22 @@ func TestBare(t *testing.T) {
 	if stored != 200 || res.Failed != 0 {
 		t.Errorf("%d messages stored, %d transactions failed; want 200 and 0", stored, res.Failed)
 	}
-	var stale int
+	// Every conversation that got a message points at one of its own. (Not
+	// necessarily the newest: two transactions may take ids in one order and set
+	// the conversation in the other, as in the series' own send.)
+	var wrong int
 	if err := db.QueryRow(`SELECT count(*) FROM series.conversations c
-		WHERE c.last_message_id IS DISTINCT FROM (SELECT max(m.id) FROM series.messages m WHERE m.conversation_id = c.id)`).Scan(&stale); err != nil {
+		WHERE EXISTS (SELECT 1 FROM series.messages m WHERE m.conversation_id = c.id)
+		  AND NOT EXISTS (SELECT 1 FROM series.messages m WHERE m.id = c.last_message_id AND m.conversation_id = c.id)`).Scan(&wrong); err != nil {
 		t.Fatal(err)
 	}
-	if stale != 0 {
-		t.Errorf("%d conversations whose last message is not their newest", stale)
+	if wrong != 0 {
+		t.Errorf("%d conversations with messages whose last message is not one of theirs", wrong)
 	}
-	// Paced: 200 transactions over at least a second, not as fast as they go (two
-	// clients unpaced do several times that). A slow machine may take longer.
-	if res.TPS <= 0 || res.TPS > 260 || res.Rate != 200 || res.Clients != 2 {
-		t.Errorf("result %+v: want at most about 200 tx/s at rate 200 over 2 clients", res)
-	}
-	if res.P50Ms <= 0 || res.P99Ms < res.P50Ms {
-		t.Errorf("latency p50 %v ms, p99 %v ms", res.P50Ms, res.P99Ms)
+	// Paced: the last of 200 transactions is due 0.995 s after the first, so the
+	// rate over the run cannot be above 200 / 0.995; unpaced, two clients do
+	// several times that. A slow machine only makes it lower.
+	if res.TPS <= 0 || res.TPS > 200/0.995 || res.Rate != 200 || res.Clients != 2 {
+		t.Errorf("result %+v: want at most 201 tx/s at rate 200 over 2 clients", res)
 	}
 }

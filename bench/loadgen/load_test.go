@@ -113,14 +113,14 @@ func TestReportHubsCeilingAndFloor(t *testing.T) {
 		"series": {Clients: 16, Seconds: 10, TPS: 1000, CPU: cpuSplit{Postgres: 0.9, Load: 0.1}},
 		"series-paced": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 0.8, P99Ms: 2.5, TPS: 500,
 			CPU: cpuSplit{Postgres: 0.25, Load: 0.1}},
-		"series-even": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 1, P99Ms: 3, TPS: 490,
+		"series-even": {Clients: 16, Seconds: 10, Rate: 500, P50Ms: 1, P99Ms: 3, TPS: 490, Failed: 3,
 			CPU: cpuSplit{Postgres: 0.24, Load: 0.14}},
 		// Not paced (an old result, or a run without -rate): no row.
 		"series-paced-half": {Clients: 16, Seconds: 10, TPS: 3000}})
 	for _, want := range []string{
 		"| 4.000 ms against 1.000 ms: filled at this cost, the machine would send 0.25× the bare send |",
-		"| the bare send alone at 500 tx/s (pgbench -R: arrivals at random; 16 clients, 10s): latency p50 / p99, from each transaction's scheduled start; achieved rate; CPU per 1,000 transactions | 0.8 / 2.5 ms; 500 tx/s; 0.50 s PostgreSQL + 0.20 s the client |",
-		"| the bare send alone at 500 tx/s (loadgen bare: evenly spaced, as the open loop; 16 clients, 10s): latency p50 / p99, from each transaction's scheduled start; achieved rate; CPU per 1,000 transactions | 1.0 / 3.0 ms; 490 tx/s; 0.49 s PostgreSQL + 0.29 s the client |",
+		"| the bare send alone at 500 tx/s (pgbench -R: arrivals at random; latency from each transaction's scheduled start; 16 clients, 10s): latency p50 / p99; achieved rate; CPU per 1,000 transactions | 0.8 / 2.5 ms; 500 tx/s; 0.50 s PostgreSQL + 0.20 s the client |",
+		"| the bare send alone at 500 tx/s (loadgen bare: evenly spaced, as the open loop; latency from each transaction's release; 16 clients, 10s): latency p50 / p99; achieved rate; CPU per 1,000 transactions | 1.0 / 3.0 ms; 490 tx/s; **3 failed**; 0.49 s PostgreSQL + 0.29 s the client |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)
@@ -170,9 +170,9 @@ func TestTxLatencies(t *testing.T) {
 }
 
 // TestScheduleReleaseTimes: an open loop's tokens carry the time each was
-// released, at or after its due time; a closed loop's carry none; and a send
-// counts as started at its release, so that a wait for a free worker is part of
-// its latency.
+// released, no earlier than its due time and no later than timerSlack after it; a
+// closed loop's carry none; and a send counts as started at that time, so that a
+// wait for a free worker is part of its latency.
 func TestScheduleReleaseTimes(t *testing.T) {
 	begin := time.Now()
 	var got []time.Time
@@ -183,9 +183,21 @@ func TestScheduleReleaseTimes(t *testing.T) {
 		t.Fatalf("%d tokens, want 10", len(got))
 	}
 	for i, released := range got {
-		if due := begin.Add(time.Duration(i) * 5 * time.Millisecond); released.Before(due) {
-			t.Errorf("token %d released %v after begin, before its due time %v", i, released.Sub(begin), due.Sub(begin))
+		due := begin.Add(time.Duration(i) * 5 * time.Millisecond)
+		if released.Before(due) || released.After(due.Add(timerSlack)) {
+			t.Errorf("token %d counts from %v after begin, want from its due time %v to %v later",
+				i, released.Sub(begin), due.Sub(begin), timerSlack)
 		}
+	}
+	// A schedule held up (here: begun 50 ms ago) releases its late tokens at once,
+	// each counting from its due time plus timerSlack at most, not from now.
+	late := time.Now().Add(-50 * time.Millisecond)
+	i := 0
+	for released := range schedule(context.Background(), phaseSpec{rate: 200, duration: 20 * time.Millisecond}, late) {
+		if due := late.Add(time.Duration(i) * 5 * time.Millisecond); released.After(due.Add(timerSlack)) {
+			t.Errorf("late token %d counts from %v after its due time, want at most %v", i, released.Sub(due), timerSlack)
+		}
+		i++
 	}
 	for released := range schedule(context.Background(), phaseSpec{count: 3}, begin) {
 		if !released.IsZero() {
@@ -193,8 +205,8 @@ func TestScheduleReleaseTimes(t *testing.T) {
 		}
 	}
 	now := time.Now()
-	late := now.Add(-20 * time.Millisecond)
-	if s := startOf(late, now); !s.Equal(late) {
+	earlier := now.Add(-20 * time.Millisecond)
+	if s := startOf(earlier, now); !s.Equal(earlier) {
 		t.Errorf("a send released 20 ms ago starts %v ago, want at its release", now.Sub(s))
 	}
 	if s := startOf(time.Time{}, now); !s.Equal(now) {

@@ -27,7 +27,9 @@ type pgbenchResult struct {
 	CPU       cpuSplit `json:"cpu"`
 	// With -rate: the schedule, and the latency of each transaction from its
 	// scheduled start (pgbench's schedule lag included, as the load generator's
-	// open loops start each send on its schedule), from pgbench's per-transaction log.
+	// open loops count a send's wait for a free worker), from pgbench's
+	// per-transaction log; from loadgen bare, from each transaction's release (see
+	// schedule).
 	Rate  float64 `json:"rate,omitempty"`
 	P50Ms float64 `json:"p50Ms,omitempty"`
 	P99Ms float64 `json:"p99Ms,omitempty"`

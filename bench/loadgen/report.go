@@ -273,15 +273,19 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 		}
 		suffix := []string{"", "-half"}[i]
 		for _, f := range []struct{ name, how string }{
-			{"series-paced" + suffix, "pgbench -R: arrivals at random"},
-			{"series-even" + suffix, "loadgen bare: evenly spaced, as the open loop"},
+			{"series-paced" + suffix, "pgbench -R: arrivals at random; latency from each transaction's scheduled start"},
+			{"series-even" + suffix, "loadgen bare: evenly spaced, as the open loop; latency from each transaction's release"},
 		} {
 			floor := runs[f.name]
 			if floor == nil || floor.Rate <= 0 || floor.TPS <= 0 {
 				continue
 			}
-			p("| the bare send alone at %s tx/s (%s; %d clients, %ds): latency p50 / p99, from each transaction's scheduled start; achieved rate; CPU per 1,000 transactions | %.1f / %.1f ms; %s tx/s; %.2f s PostgreSQL + %.2f s the client | | |\n",
-				num(floor.Rate), f.how, floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms, num(floor.TPS),
+			failed := ""
+			if floor.Failed > 0 {
+				failed = fmt.Sprintf("; **%d failed**", floor.Failed)
+			}
+			p("| the bare send alone at %s tx/s (%s; %d clients, %ds): latency p50 / p99; achieved rate; CPU per 1,000 transactions | %.1f / %.1f ms; %s tx/s%s; %.2f s PostgreSQL + %.2f s the client | | |\n",
+				num(floor.Rate), f.how, floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms, num(floor.TPS), failed,
 				floor.CPU.Postgres/floor.TPS*1000, floor.CPU.Load/floor.TPS*1000)
 		}
 		srv, pg := o.cpuPer1000()
