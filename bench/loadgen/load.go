@@ -55,11 +55,16 @@ type phaseStats struct {
 // cpuPer1000 returns the CPU seconds that the server and PostgreSQL spent per
 // 1,000 messages created in the phase.
 func (ps phaseStats) cpuPer1000() (server, postgres float64) {
+	return ps.per1000(ps.CPU.Server), ps.per1000(ps.CPU.Postgres)
+}
+
+// per1000 returns what cores busy on average through the phase come to, in CPU
+// seconds per 1,000 messages created (0 if none was).
+func (ps phaseStats) per1000(cores float64) float64 {
 	if ps.Created == 0 {
-		return 0, 0
+		return 0
 	}
-	f := ps.CPU.Seconds / float64(ps.Created) * 1000
-	return ps.CPU.Server * f, ps.CPU.Postgres * f
+	return cores * ps.CPU.Seconds / float64(ps.Created) * 1000
 }
 
 // phaseSpec says how a phase sends: workers goroutines send count messages, or,

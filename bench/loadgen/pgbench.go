@@ -35,6 +35,15 @@ type pgbenchResult struct {
 	P99Ms float64 `json:"p99Ms,omitempty"`
 }
 
+// per1000 returns what cores busy on average through the run come to, in CPU
+// seconds per 1,000 transactions (0 if none committed).
+func (r *pgbenchResult) per1000(cores float64) float64 {
+	if r.TPS <= 0 {
+		return 0
+	}
+	return cores / r.TPS * 1000
+}
+
 var (
 	tpsLine     = regexp.MustCompile(`(?m)^tps = ([0-9.]+) \(without initial connection time\)`)
 	latencyLine = regexp.MustCompile(`(?m)^latency average = ([0-9.]+) ms`)

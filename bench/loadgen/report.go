@@ -234,7 +234,7 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 	if series != nil {
 		p("| the series' bare send: pgbench on `bench/series_send.sql`, %d clients, prepared, %ds | %s tx/s (seconds from %s to %s; avg %.1f ms) | | |\n",
 			series.Clients, series.Seconds, num(series.TPS), num(series.MinTPS), num(series.MaxTPS), series.LatencyMs)
-		p("| the series' bare send: CPU per 1,000 transactions, PostgreSQL | %.2f s | | |\n", series.CPU.Postgres/series.TPS*1000)
+		p("| the series' bare send: CPU per 1,000 transactions, PostgreSQL | %.2f s | | |\n", series.per1000(series.CPU.Postgres))
 	}
 	if series != nil && after != nil {
 		p("| the series' bare send again, after the phases below | %s tx/s (seconds from %s to %s); the ratios below are to the mean, %s tx/s, and in brackets to either run | | |\n",
@@ -248,15 +248,15 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 	srv, pg := c.cpuPer1000()
 	p("| closed loop: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f s | | |\n", srv, pg)
 	ceiling := func(phase string, ps phaseStats) {
-		if series == nil || series.TPS <= 0 || ps.Created == 0 {
+		if series == nil {
 			return
 		}
 		// Against the first run of the bare send, the one whose CPU the ratios'
 		// mean also starts from.
-		bare := (series.CPU.Postgres + series.CPU.Load) / series.TPS * 1000
-		ours := (ps.CPU.Server + ps.CPU.Postgres + ps.CPU.Load) * ps.CPU.Seconds / float64(ps.Created) * 1000
+		bare := series.per1000(series.CPU.Postgres + series.CPU.Load)
+		ours := ps.per1000(ps.CPU.Server + ps.CPU.Postgres + ps.CPU.Load)
 		if ours <= 0 || bare <= 0 {
-			return // a CPU not sampled
+			return // no transaction or message, or a CPU not sampled
 		}
 		p("| %s: CPU per message of the whole path (server + PostgreSQL + load generator), against the bare send's (PostgreSQL + pgbench) | %.3f ms against %.3f ms: filled at this cost, the machine would send %.2f× the bare send | | |\n",
 			phase, ours, bare, bare/ours)
@@ -286,7 +286,7 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 			}
 			p("| the bare send alone at %s tx/s (%s; %d clients, %ds): latency p50 / p99; achieved rate; CPU per 1,000 transactions | %.1f / %.1f ms; %s tx/s%s; %.2f s PostgreSQL + %.2f s the client | | |\n",
 				num(floor.Rate), f.how, floor.Clients, floor.Seconds, floor.P50Ms, floor.P99Ms, num(floor.TPS), failed,
-				floor.CPU.Postgres/floor.TPS*1000, floor.CPU.Load/floor.TPS*1000)
+				floor.per1000(floor.CPU.Postgres), floor.per1000(floor.CPU.Load))
 		}
 		srv, pg := o.cpuPer1000()
 		p("| open loop at %s msg/s (%.0f achieved), %d streams: delivery p50 / p99 / max | %.1f / %.1f / %.1f ms | ≤ %.1f / ≤ %.0f ms | %s |\n",
