@@ -61,6 +61,16 @@ func TestCPUPer1000(t *testing.T) {
 	}
 }
 
+// reportHas fails t for each of want that the report md lacks.
+func reportHas(t *testing.T, md string, want ...string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(md, w) {
+			t.Errorf("report lacks %q:\n%s", w, md)
+		}
+	}
+}
+
 func TestReportHubsVerdicts(t *testing.T) {
 	ok := phaseStats{Senders: 16, Attempted: 100, Created: 100, PerSecond: 2000, TargetRate: 500,
 		DeliveryP50: 1, DeliveryP99: 5, CPU: cpuSplit{Seconds: 1, Server: 0.02, Postgres: 0.03}}
@@ -68,16 +78,12 @@ func TestReportHubsVerdicts(t *testing.T) {
 	lost.LostReceiver, lost.Duplicates = 2, 1
 	md := reportHubs(hubsResult{Users: 200, Closed: ok, Open: ok, Saturation: lost,
 		Idle: idleStats{Streams: 5000, KBPerStream: 9.5}}, map[string]*pgbenchResult{"series": {Clients: 16, Seconds: 10, TPS: 1000}})
-	for _, want := range []string{
+	reportHas(t, md,
 		"| closed loop: 16 senders, 100 sends | 2,000 msg/s, 2.00× the bare send | ≥ 1.0× | pass |",
 		"| saturation: failed, lost / duplicated | 0, 2 / 1 | 0, 0 / 0 | **miss** |",
 		"| open loop at 500 msg/s: CPU per 1,000 messages, server + PostgreSQL | 0.20 + 0.30 = 0.50 s | ≤ 1.0 s | pass |",
 		"9.5 KB a stream",
-	} {
-		if !strings.Contains(md, want) {
-			t.Errorf("report lacks %q:\n%s", want, md)
-		}
-	}
+	)
 }
 
 // TestReportHubsBareSendTwice: with the bare send run before and after the phases,
@@ -87,15 +93,11 @@ func TestReportHubsBareSendTwice(t *testing.T) {
 	md := reportHubs(hubsResult{Users: 200, Closed: ok, Saturation: ok}, map[string]*pgbenchResult{
 		"series":       {Clients: 16, Seconds: 10, TPS: 1500},
 		"series-after": {Clients: 16, Seconds: 10, TPS: 2500}})
-	for _, want := range []string{
+	reportHas(t, md,
 		"| the series' bare send again, after the phases below | 2,500 tx/s",
 		"the ratios below are to the mean, 2,000 tx/s",
 		"| closed loop: 16 senders, 100 sends | 2,000 msg/s, 1.00 (0.80–1.33)× the bare send | ≥ 1.0× | pass |",
-	} {
-		if !strings.Contains(md, want) {
-			t.Errorf("report lacks %q:\n%s", want, md)
-		}
-	}
+	)
 }
 
 // TestReportHubsCeilingAndFloor: the report sets the whole path's CPU per message
@@ -117,15 +119,11 @@ func TestReportHubsCeilingAndFloor(t *testing.T) {
 			CPU: cpuSplit{Postgres: 0.24, Load: 0.14}},
 		// Not paced (an old result, or a run without -rate): no row.
 		"series-paced-half": {Clients: 16, Seconds: 10, TPS: 3000}})
-	for _, want := range []string{
+	reportHas(t, md,
 		"| 4.000 ms against 1.000 ms: filled at this cost, the machine would send 0.25× the bare send |",
 		"| the bare send alone at 500 tx/s (pgbench -R: arrivals at random; latency from each transaction's scheduled start; 16 clients, 10s): latency p50 / p99; achieved rate; CPU per 1,000 transactions | 0.8 / 2.5 ms; 500 tx/s; 0.50 s PostgreSQL + 0.20 s the client |",
 		"| the bare send alone at 500 tx/s (loadgen bare: evenly spaced, as the open loop; latency from each transaction's release; 16 clients, 10s): latency p50 / p99; achieved rate; CPU per 1,000 transactions | 1.0 / 3.0 ms; 490 tx/s; **3 failed**; 0.49 s PostgreSQL + 0.29 s the client |",
-	} {
-		if !strings.Contains(md, want) {
-			t.Errorf("report lacks %q:\n%s", want, md)
-		}
-	}
+	)
 	if strings.Contains(md, "saturation: CPU per message") {
 		t.Errorf("report has a CPU row of a phase whose CPU was not sampled:\n%s", md)
 	}
