@@ -414,7 +414,7 @@ func newServer(ctx context.Context, cfg config, logger *slog.Logger) (*server, e
 		s.presence.always = cfg.notifyAlways
 		s.notifier.peers = s.presence
 	}
-	s.sends = newSendBatcher(db, s.notifier.enqueue, cfg.listenURL == cfg.databaseURL, cfg.dbConnMaxLifetime, logger)
+	s.sends = newSendBatcher(db, s.notifier.enqueue, cfg.listenURL == cfg.databaseURL, cfg.dbConnMaxLifetime, m, logger)
 	sessions := newSessionWatcher(s.hub, s.sessionCache, db, cfg.sessionCheckInterval, logger)
 	if s.listener, err = listen(cfg.listenURL, channels, s.hub, sessions, s.presence, m, logger); err != nil {
 		s.presence.close()

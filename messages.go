@@ -261,6 +261,7 @@ type sendBatcher struct {
 	turn    chan struct{} // holds the turn while no worker has it
 	prepare bool          // prepare the statement on each worker's connection
 	maxAge  time.Duration // a worker's connection is replaced once this old (DB_CONN_MAX_LIFETIME)
+	metrics *metrics      // nil: none
 	logger  *slog.Logger
 }
 
@@ -287,8 +288,8 @@ const (
 	sendLockTimeout = "200ms"
 )
 
-func newSendBatcher(db *sql.DB, deliver func(notification), prepare bool, maxAge time.Duration, logger *slog.Logger) *sendBatcher {
-	b := &sendBatcher{db: db, deliver: deliver, prepare: prepare, maxAge: maxAge, logger: logger,
+func newSendBatcher(db *sql.DB, deliver func(notification), prepare bool, maxAge time.Duration, m *metrics, logger *slog.Logger) *sendBatcher {
+	b := &sendBatcher{db: db, deliver: deliver, prepare: prepare, maxAge: maxAge, metrics: m, logger: logger,
 		queue: make(chan *sendRequest, maxSendBatch), turn: make(chan struct{}, 1)}
 	b.turn <- struct{}{}
 	return b
@@ -580,6 +581,13 @@ func (b *sendBatcher) store(sc *sendConn, batch []*sendRequest, timed bool, dead
 	if timed {
 		query, stmt = sendQueryTimed, sc.stmtTimed
 		args = append(args, sendLockTimeout)
+	}
+	if b.metrics != nil {
+		// Every call, whatever its outcome: each holds the send path for its time.
+		defer func(start time.Time) {
+			b.metrics.sendBatchDuration.Observe(time.Since(start).Seconds())
+			b.metrics.sendBatchMessages.Observe(float64(n))
+		}(time.Now())
 	}
 	var rows *sql.Rows
 	if stmt != nil {

@@ -32,6 +32,8 @@ type metrics struct {
 	connectionsOpen    prometheus.Gauge
 	connectionsRefused *prometheus.CounterVec // by reason: addr_limit, server_full
 	peerInstances      prometheus.Gauge
+	sendBatchDuration  prometheus.Histogram
+	sendBatchMessages  prometheus.Histogram
 }
 
 func newMetrics(db *sql.DB) *metrics {
@@ -89,8 +91,18 @@ func newMetrics(db *sql.DB) *metrics {
 		peerInstances: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "messenger_peer_instances", Help: "Other instances sharing the database, as last read (LISTEN/NOTIFY only: with none, no NOTIFY is sent).",
 		}),
+		sendBatchDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "messenger_send_batch_duration_seconds",
+			Help: "Time each send transaction (send_messages, a batch of sends) held the send path: from the call until its answer was read and its messages handed on for delivery. " +
+				"Batches normally run one at a time, so the rate of the sum is the share of time one is in flight: near 1, sends wait for each other's batches.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 12), // 0.5 ms to 1 s
+		}),
+		sendBatchMessages: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "messenger_send_batch_messages", Help: "Messages in each send transaction (send_messages).",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 7), // 1 to maxSendBatch
+		}),
 	}
-	m.registry.MustRegister(m.peerInstances, m.connectionsOpen, m.connectionsRefused, m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
+	m.registry.MustRegister(m.sendBatchDuration, m.sendBatchMessages, m.peerInstances, m.connectionsOpen, m.connectionsRefused, m.sessionsEnded, m.notifyFailures, m.requests, m.requestDuration, m.streamsOpen, m.eventsDelivered,
 		m.streamsDroppedSlow, m.streamsRefused, m.streamResets, m.eventsPruned, m.listenerReconnects,
 		m.busMessages, m.busReconnects, m.busSlow,
 		collectors.NewDBStatsCollector(db, "messenger"),

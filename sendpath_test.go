@@ -427,7 +427,7 @@ func TestBatchSplitsPastHeldLock(t *testing.T) {
 				mu.Lock()
 				defer mu.Unlock()
 				delivered = append(delivered, n.Content)
-			}, prepared, time.Hour, slog.New(slog.DiscardHandler))
+			}, prepared, time.Hour, nil, slog.New(slog.DiscardHandler))
 
 			tx := holdUsers(t, ts.DB, bob.User.ID)
 			var sc sendConn
@@ -546,5 +546,48 @@ func TestSlowCommitsKeepTheTurn(t *testing.T) {
 	}
 	if backends != 1 {
 		t.Fatalf("sends ran on %d connections, want 1", backends)
+	}
+}
+
+// TestSendBatchMetrics checks messenger_send_batch_duration_seconds and
+// messenger_send_batch_messages: one observation per send transaction, whose
+// messages add up to the sends answered 201, lone sends in batches of one.
+func TestSendBatchMetrics(t *testing.T) {
+	t.Parallel()
+	ts := newTestServer(t)
+	const lone, together = 3, 16
+	senders := make([]*client, together)
+	convs := make([]apiConversation, together)
+	for i := range senders {
+		senders[i] = ts.newUser(t, "snd")
+		convs[i] = senders[i].startConversation(ts.newUser(t, "rcv"))
+	}
+	for i := range lone {
+		senders[0].send(convs[0].ID, fmt.Sprintf("lone %d", i))
+	}
+	if got := metricValue(t, ts, "messenger_send_batch_messages_count"); got != lone {
+		t.Fatalf("%d sends one after the other: %v batches, want %d", lone, got, lone)
+	}
+	if got := metricValue(t, ts, `messenger_send_batch_messages_bucket{le="1"}`); got != lone {
+		t.Fatalf("%d lone sends: %v batches of one, want %d", lone, got, lone)
+	}
+	var wg sync.WaitGroup
+	for i := range senders {
+		wg.Go(func() { senders[i].send(convs[i].ID, "together") })
+	}
+	wg.Wait()
+	sent := float64(lone + together)
+	if got := metricValue(t, ts, "messenger_send_batch_messages_sum"); got != sent {
+		t.Fatalf("messages in batches: %v, want the %v sends", got, sent)
+	}
+	batches := metricValue(t, ts, "messenger_send_batch_messages_count")
+	if batches <= lone || batches > sent {
+		t.Fatalf("batches: %v, want more than %d and at most %v", batches, lone, sent)
+	}
+	if got := metricValue(t, ts, "messenger_send_batch_duration_seconds_count"); got != batches {
+		t.Fatalf("batch durations: %v observed, want one per batch (%v)", got, batches)
+	}
+	if got := metricValue(t, ts, "messenger_send_batch_duration_seconds_sum"); got <= 0 {
+		t.Fatalf("batch durations add up to %v s, want more than 0", got)
 	}
 }
