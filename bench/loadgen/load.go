@@ -32,24 +32,61 @@ type loadResult struct {
 // phaseStats describes one phase of sends and their deliveries. Times are in
 // milliseconds.
 type phaseStats struct {
-	Streams      int       `json:"streams"` // open while it ran
-	Senders      int       `json:"senders"`
-	TargetRate   float64   `json:"targetRate"` // sends a second asked for; 0: as fast as possible
-	Attempted    int       `json:"attempted"`
-	Created      int       `json:"created"` // answered 201
-	Failed       int       `json:"failed"`  // any other answer, or none
-	Seconds      float64   `json:"seconds"` // first send to last answer
-	PerSecond    float64   `json:"perSecond"`
-	SendP50      float64   `json:"sendP50"`
-	SendP99      float64   `json:"sendP99"`
-	DeliveryP50  float64   `json:"deliveryP50"`
-	DeliveryP99  float64   `json:"deliveryP99"`
-	DeliveryMax  float64   `json:"deliveryMax"`
-	LostReceiver int       `json:"lostReceiver"` // 201 messages that never reached the receiver's stream
-	LostSender   int       `json:"lostSender"`   // nor the sender's own stream (when it has one)
-	Duplicates   int       `json:"duplicates"`   // this phase's messages read twice on one stream
-	CPU          cpuSplit  `json:"cpu"`
-	Waits        waitTally `json:"waits,omitempty"` // PostgreSQL's wait events, when sampled
+	Streams      int        `json:"streams"` // open while it ran
+	Senders      int        `json:"senders"`
+	TargetRate   float64    `json:"targetRate"` // sends a second asked for; 0: as fast as possible
+	Attempted    int        `json:"attempted"`
+	Created      int        `json:"created"` // answered 201
+	Failed       int        `json:"failed"`  // any other answer, or none
+	Seconds      float64    `json:"seconds"` // first send to last answer
+	PerSecond    float64    `json:"perSecond"`
+	SendP50      float64    `json:"sendP50"`
+	SendP99      float64    `json:"sendP99"`
+	DeliveryP50  float64    `json:"deliveryP50"`
+	DeliveryP99  float64    `json:"deliveryP99"`
+	DeliveryMax  float64    `json:"deliveryMax"`
+	LostReceiver int        `json:"lostReceiver"` // 201 messages that never reached the receiver's stream
+	LostSender   int        `json:"lostSender"`   // nor the sender's own stream (when it has one)
+	Duplicates   int        `json:"duplicates"`   // this phase's messages read twice on one stream
+	CPU          cpuSplit   `json:"cpu"`
+	Waits        waitTally  `json:"waits,omitempty"` // PostgreSQL's wait events, when sampled
+	Batches      batchStats `json:"batches"`         // the server's send transactions, from /metrics
+}
+
+// batchStats is what the server's send transactions did in a phase, from the
+// difference of two reads of its /metrics: zero where the server has no such
+// metrics.
+type batchStats struct {
+	PerSecond float64 `json:"perSecond"` // transactions a second
+	Messages  float64 `json:"messages"`  // messages a transaction, on average
+	// Busy is the share of the phase's time that a transaction was in flight:
+	// near 1, the next batch waits for the last.
+	Busy float64 `json:"busy"`
+}
+
+// sendBatches is the server's running count of send transactions, of the
+// messages they carried, and of the seconds they took, from GET /metrics.
+type sendBatches struct{ count, messages, seconds float64 }
+
+// sendBatches reads the server's send transaction counters; ok is false for a
+// server without them.
+func (c *client) sendBatches(ctx context.Context) (sb sendBatches, ok bool, err error) {
+	names := []string{"messenger_send_batch_duration_seconds_count", "messenger_send_batch_messages_sum",
+		"messenger_send_batch_duration_seconds_sum"}
+	m, err := c.metrics(ctx, names...)
+	if err != nil || len(m) < len(names) {
+		return sb, false, err
+	}
+	return sendBatches{count: m[names[0]], messages: m[names[1]], seconds: m[names[2]]}, true, nil
+}
+
+// batchesBetween is what the send transactions did from a to b, over seconds.
+func batchesBetween(a, b sendBatches, seconds float64) batchStats {
+	n := b.count - a.count
+	if n <= 0 || seconds <= 0 {
+		return batchStats{}
+	}
+	return batchStats{PerSecond: n / seconds, Messages: (b.messages - a.messages) / n, Busy: (b.seconds - a.seconds) / seconds}
 }
 
 // cpuPer1000 returns the CPU seconds that the server and PostgreSQL spent per
@@ -298,6 +335,10 @@ type sendRecord struct {
 func (l *loadRun) phase(ctx context.Context, spec phaseSpec) (phaseStats, error) {
 	ps := phaseStats{Streams: l.openStreams(), Senders: spec.workers, TargetRate: spec.rate, Attempted: spec.count}
 	deliveredBefore := l.delivered.Load()
+	batchesBefore, batchesKnown, err := l.c.sendBatches(ctx)
+	if err != nil {
+		return ps, err
+	}
 	a, err := l.meter.sample()
 	if err != nil {
 		return ps, err
@@ -341,6 +382,13 @@ func (l *loadRun) phase(ctx context.Context, spec phaseSpec) (phaseStats, error)
 	b, err := l.meter.sample()
 	if err != nil {
 		return ps, err
+	}
+	if batchesKnown {
+		batchesAfter, _, err := l.c.sendBatches(ctx)
+		if err != nil {
+			return ps, err
+		}
+		ps.Batches = batchesBetween(batchesBefore, batchesAfter, end.Sub(begin).Seconds())
 	}
 	if stopProfile != nil {
 		if err := stopProfile(); err != nil {
@@ -566,39 +614,47 @@ type goRuntime struct {
 // runtimeMetrics reads the server's Go heap and stacks in use and its goroutines
 // from GET /metrics.
 func (c *client) runtimeMetrics(ctx context.Context) (goRuntime, error) {
-	var rt goRuntime
+	names := []string{"go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes", "go_goroutines"}
+	m, err := c.metrics(ctx, names...)
+	if err != nil {
+		return goRuntime{}, err
+	}
+	if len(m) != len(names) {
+		return goRuntime{}, fmt.Errorf("metrics: found %d of %d Go runtime metrics", len(m), len(names))
+	}
+	return goRuntime{heap: m[names[0]], stack: m[names[1]], goroutines: m[names[2]]}, nil
+}
+
+// metrics reads the samples named (a metric's name with its labels, as GET
+// /metrics writes them) from the server; a sample not found is not in the map.
+func (c *client) metrics(ctx context.Context, names ...string) (map[string]float64, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/metrics", nil)
 	if err != nil {
-		return rt, err
+		return nil, err
 	}
 	resp, err := c.api.Do(req)
 	if err != nil {
-		return rt, fmt.Errorf("metrics: %w", err)
+		return nil, fmt.Errorf("metrics: %w", err)
 	}
 	defer resp.Body.Close()
-	want := map[string]*float64{
-		"go_memstats_heap_inuse_bytes":  &rt.heap,
-		"go_memstats_stack_inuse_bytes": &rt.stack,
-		"go_goroutines":                 &rt.goroutines,
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("metrics: %s", resp.Status)
 	}
-	found := 0
+	found := make(map[string]float64, len(names))
 	sc := bufio.NewScanner(resp.Body)
 	for sc.Scan() {
 		name, value, ok := strings.Cut(sc.Text(), " ")
-		if dst := want[name]; ok && dst != nil {
-			if *dst, err = strconv.ParseFloat(value, 64); err != nil {
-				return rt, fmt.Errorf("metrics: %s: %w", name, err)
-			}
-			found++
+		if !ok || !slices.Contains(names, name) {
+			continue
+		}
+		if found[name], err = strconv.ParseFloat(value, 64); err != nil {
+			return nil, fmt.Errorf("metrics: %s: %w", name, err)
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return rt, fmt.Errorf("metrics: %w", err)
+		return nil, fmt.Errorf("metrics: %w", err)
 	}
-	if found != len(want) {
-		return rt, fmt.Errorf("metrics: found %d of %d Go runtime metrics", found, len(want))
-	}
-	return rt, nil
+	return found, nil
 }
 
 // percentile returns the p-th percentile of d (nearest rank); 100 is the maximum.

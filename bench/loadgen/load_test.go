@@ -108,6 +108,8 @@ func TestReportHubsCeilingAndFloor(t *testing.T) {
 		CPU: cpuSplit{Seconds: 1, Server: 0.1, Postgres: 0.2, Load: 0.1}}
 	open := closed
 	open.TargetRate = 500
+	open.Batches = batchesBetween(sendBatches{count: 10, messages: 12, seconds: 0.01},
+		sendBatches{count: 410, messages: 512, seconds: 0.61}, 1) // 400 batches of 500 messages, 0.6 s
 	half := closed
 	half.TargetRate = 250
 	noCPU := phaseStats{Senders: 32, Created: 100, PerSecond: 100} // its CPU not sampled
@@ -122,10 +124,17 @@ func TestReportHubsCeilingAndFloor(t *testing.T) {
 	reportHas(t, md,
 		"| 4.000 ms against 1.000 ms: filled at this cost, the machine would send 0.25× the bare send |",
 		"| the bare send alone at 500 tx/s (pgbench -R: arrivals at random; latency from each transaction's scheduled start; 16 clients, 10s): latency p50 / p99; achieved rate; CPU per 1,000 transactions | 0.8 / 2.5 ms; 500 tx/s; 0.50 s PostgreSQL + 0.20 s the client |",
+		"| open loop at 500 msg/s: the server's send transactions (from its /metrics) | 400 a second, 1.2 messages each on average; their round trips add up to 60 % of the phase's time |",
 		"| the bare send alone at 500 tx/s (loadgen bare: evenly spaced, as the open loop; latency from each transaction's release; 16 clients, 10s): latency p50 / p99; achieved rate; CPU per 1,000 transactions | 1.0 / 3.0 ms; 490 tx/s; **3 failed**; 0.49 s PostgreSQL + 0.29 s the client |",
 	)
 	if strings.Contains(md, "saturation: CPU per message") {
 		t.Errorf("report has a CPU row of a phase whose CPU was not sampled:\n%s", md)
+	}
+	if strings.Count(md, "send transactions") != 1 {
+		t.Errorf("report has a send transactions row for a phase without them:\n%s", md)
+	}
+	if got := batchesBetween(sendBatches{count: 5}, sendBatches{count: 5}, 1); got != (batchStats{}) {
+		t.Errorf("no transaction between two reads gave %+v, want none", got)
 	}
 	if strings.Count(md, "the bare send alone at") != 2 {
 		t.Errorf("report has a row for a bare send that was not paced:\n%s", md)

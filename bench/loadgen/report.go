@@ -261,6 +261,13 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 		p("| %s: CPU per message of the whole path (server + PostgreSQL + load generator), against the bare send's (PostgreSQL + pgbench) | %.3f ms against %.3f ms: filled at this cost, the machine would send %.2f× the bare send | | |\n",
 			phase, ours, bare, bare/ours)
 	}
+	batches := func(phase string, ps phaseStats) {
+		if b := ps.Batches; b.PerSecond > 0 {
+			p("| %s: the server's send transactions (from its /metrics) | %s a second, %.1f messages each on average; their round trips add up to %.0f %% of the phase's time | | |\n",
+				phase, num(b.PerSecond), b.Messages, 100*b.Busy)
+		}
+	}
+	batches("closed loop", c)
 	ceiling("closed loop", c)
 	p("| closed loop: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", c.Failed, lostDup(c), verdict(ok(c)))
 	i := h.Idle
@@ -295,6 +302,7 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 		p("| open loop at %s msg/s: send p50 / p99 | %.1f / %.1f ms | | |\n", num(o.TargetRate), o.SendP50, o.SendP99)
 		p("| open loop at %s msg/s: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f = %.2f s | ≤ %.1f s | %s |\n",
 			num(o.TargetRate), srv, pg, srv+pg, goalCPUPer1000, verdict(srv+pg <= goalCPUPer1000))
+		batches(fmt.Sprintf("open loop at %s msg/s", num(o.TargetRate)), o)
 		p("| open loop at %s msg/s: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", num(o.TargetRate), o.Failed, lostDup(o), verdict(ok(o)))
 	}
 	s := h.Saturation
@@ -304,6 +312,7 @@ func reportHubs(h hubsResult, runs map[string]*pgbenchResult) string {
 	p("| saturation: send p50 / p99; delivery p50 / p99 | %.1f / %.1f ms; %.1f / %.1f ms | | |\n",
 		s.SendP50, s.SendP99, s.DeliveryP50, s.DeliveryP99)
 	p("| saturation: CPU per 1,000 messages, server + PostgreSQL | %.2f + %.2f s | | |\n", srv, pg)
+	batches("saturation", s)
 	ceiling("saturation", s)
 	p("| saturation: failed, lost / duplicated | %d, %s | 0, 0 / 0 | %s |\n", s.Failed, lostDup(s), verdict(ok(s)))
 	p("| streams reconnected / failed | %d / %d | 0 / 0 | %s |\n", h.Reconnects, h.Failures, verdict(h.Failures == 0))
