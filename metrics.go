@@ -98,7 +98,8 @@ func newMetrics(db *sql.DB) *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 12), // 0.5 ms to 1 s
 		}),
 		sendBatchMessages: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "messenger_send_batch_messages", Help: "Messages in each send transaction (send_messages).",
+			Name:    "messenger_send_batch_messages",
+			Help:    "Messages in each send transaction (send_messages). A batch that fails is split, and each of its messages is counted again in the transaction that retries it alone.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 7), // 1 to maxSendBatch
 		}),
 	}

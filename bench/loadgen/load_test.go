@@ -109,7 +109,7 @@ func TestReportHubsCeilingAndFloor(t *testing.T) {
 	open := closed
 	open.TargetRate = 500
 	open.Batches = batchesBetween(sendBatches{count: 10, messages: 12, seconds: 0.01},
-		sendBatches{count: 410, messages: 512, seconds: 0.61}, 1) // 400 batches of 500 messages, 0.6 s
+		sendBatches{count: 410, messages: 512, seconds: 0.61}, 1) // 500 messages in 400 batches, 0.6 s
 	half := closed
 	half.TargetRate = 250
 	noCPU := phaseStats{Senders: 32, Created: 100, PerSecond: 100} // its CPU not sampled
