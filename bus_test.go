@@ -149,11 +149,11 @@ func TestBusSubscribesOnlyHeldUsers(t *testing.T) {
 	// One publisher's messages arrive in order, so carol's and dave's wake-ups, had
 	// they been received, would have come before alice's and bob's.
 	for _, ts := range []*testServer{a, b} {
-		if got := metricValue(t, ts, `messenger_bus_messages_total{direction="received"}`); got != 1 {
+		if got := metricValue(t, ts, `messenger_bus_messages_total\{direction="received"\}`); got != 1 {
 			t.Errorf("bus messages received: got %v, want 1 (one user's one message)", got)
 		}
 	}
-	if got := metricValue(t, a, `messenger_bus_messages_total{direction="published"}`); got != 22 {
+	if got := metricValue(t, a, `messenger_bus_messages_total\{direction="published"\}`); got != 22 {
 		t.Errorf("bus messages published by A: got %v, want 22 (two users of 11 messages)", got)
 	}
 

@@ -93,13 +93,13 @@ func newMetrics(db *sql.DB) *metrics {
 		}),
 		sendBatchDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "messenger_send_batch_duration_seconds",
-			Help: "Time each send transaction (send_messages, a batch of sends) held the send path: from the call until its answer was read and its messages handed on for delivery. " +
-				"Batches normally run one at a time, so the rate of the sum is the share of time one is in flight: near 1, sends wait for each other's batches.",
+			Help: "Time each send transaction (send_messages) held the send path, until its answer was read and its messages handed on. " +
+				"Batches normally run one at a time: the rate of the sum is the share of time one is in flight.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 12), // 0.5 ms to 1 s
 		}),
 		sendBatchMessages: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "messenger_send_batch_messages",
-			Help:    "Messages in each send transaction (send_messages). A batch that fails is split, and each of its messages is counted again in the transaction that retries it alone.",
+			Help:    "Messages in each send transaction (send_messages); a split batch's messages count again when retried alone.",
 			Buckets: prometheus.ExponentialBuckets(1, 2, 7), // 1 to maxSendBatch
 		}),
 	}

@@ -568,7 +568,7 @@ func TestSendBatchMetrics(t *testing.T) {
 	if got := metricValue(t, ts, "messenger_send_batch_messages_count"); got != lone {
 		t.Fatalf("%d sends one after the other: %v batches, want %d", lone, got, lone)
 	}
-	if got := metricValue(t, ts, `messenger_send_batch_messages_bucket{le="1"}`); got != lone {
+	if got := metricValue(t, ts, `messenger_send_batch_messages_bucket\{le="1"\}`); got != lone {
 		t.Fatalf("%d lone sends: %v batches of one, want %d", lone, got, lone)
 	}
 	var wg sync.WaitGroup
